@@ -1,0 +1,126 @@
+# xmppsm: build, test, benchmark. Variable names follow LuaRocks' so both builds agree.
+# On another distribution: make LUA_INCDIR=... EXPAT_INCDIR=... OPENSSL_INCDIR=... (and *_LIBDIR).
+
+LUA            ?= lua5.4
+LUA_VERSION    ?= 5.4
+PREFIX         ?= /usr/local
+LUA_INCDIR     ?= /usr/include/lua$(LUA_VERSION)
+EXPAT_INCDIR   ?= /usr/include
+EXPAT_LIBDIR   ?= /usr/lib
+OPENSSL_INCDIR ?= /usr/include
+OPENSSL_LIBDIR ?= /usr/lib
+LUADIR         ?= $(PREFIX)/share/lua/$(LUA_VERSION)
+LIBDIR         ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
+CC             ?= cc
+CFLAGS         ?= -O2 -g
+LIBFLAG        ?= -shared
+DESTDIR        ?=
+
+WARNFLAGS = -std=c99 -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Werror \
+            -Werror=implicit-function-declaration
+CORE_CFLAGS = $(CFLAGS) $(WARNFLAGS) -fPIC -fvisibility=hidden \
+              -I$(LUA_INCDIR) -I$(EXPAT_INCDIR) -I$(OPENSSL_INCDIR)
+CORE_LIBS = -L$(EXPAT_LIBDIR) -L$(OPENSSL_LIBDIR) -lexpat -lcrypto
+CORE_SRC = $(sort $(wildcard csrc/*.c))
+CORE_HDR = $(wildcard csrc/*.h)
+
+SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+ASAN_ENV = LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) \
+           ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+
+BUSTED  = $(LUA) /usr/bin/busted
+SUMMARY = build/summary.txt
+FUZZ_SECONDS ?= 600
+
+DEB_PACKAGES = lua5.4 liblua5.4-dev lua-socket lua-sec lua-expat libexpat1-dev libssl-dev \
+               lua-busted luarocks lua-check lua-ldoc prosody openssl gcc make clang \
+               libclang-rt-dev valgrind
+
+.PHONY: all deps test test-unit test-asan valgrind lint rock-check fuzz bench doc install clean
+
+all: deps xmppsm/core.so
+
+# Installs the Debian packages that are missing (idempotent; sudo when not root).
+deps:
+	@if ! command -v dpkg-query >/dev/null 2>&1; then \
+	  echo "make deps: not a Debian system; install the equivalents of: $(DEB_PACKAGES)"; exit 0; fi; \
+	missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	  echo "make deps: installing$$missing"; \
+	  $$sudo apt-get update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+xmppsm/core.so: $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p xmppsm
+	$(CC) $(CORE_CFLAGS) $(CORE_SRC) -o $@ $(LIBFLAG) $(CORE_LIBS)
+
+build/asan/xmppsm/core.so: $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p build/asan/xmppsm
+	$(CC) $(SAN_FLAGS) $(WARNFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -I$(EXPAT_INCDIR) \
+	  -I$(OPENSSL_INCDIR) $(CORE_SRC) -o $@ $(LIBFLAG) $(CORE_LIBS)
+
+# Every test: lint, all specs, the core's specs under ASan+UBSan, the rock build, a short fuzz run.
+# It keeps going after a failure so the closing line counts everything, then fails if anything did.
+test: all build/asan/xmppsm/core.so
+	@mkdir -p build; rm -f $(SUMMARY); extra=0; \
+	$(MAKE) --no-print-directory lint || extra=$$((extra+1)); \
+	XMPPSM_SUMMARY=$(SUMMARY) $(BUSTED) || true; \
+	echo "== core specs under AddressSanitizer + UndefinedBehaviorSanitizer"; \
+	XMPPSM_SUMMARY=$(SUMMARY) $(ASAN_ENV) $(BUSTED) --run=core --cpath='build/asan/?.so' || true; \
+	$(MAKE) --no-print-directory rock-check || extra=$$((extra+1)); \
+	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30 || extra=$$((extra+1)); \
+	$(LUA) spec/helpers/total.lua $(SUMMARY) $$extra
+
+test-unit: all
+	$(BUSTED) --run=core
+
+test-asan: build/asan/xmppsm/core.so
+	$(ASAN_ENV) $(BUSTED) --run=core --cpath='build/asan/?.so'
+
+valgrind: all
+	valgrind --quiet --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=1 \
+	  $(BUSTED) --run=core
+
+lint: deps
+	luacheck -q lua spec examples bench
+
+# Builds and installs the rock into a throwaway tree, then loads it from there, outside the checkout.
+rock-check: deps
+	@tree=$$(mktemp -d) && trap 'rm -rf "$$tree"' EXIT && \
+	luarocks --lua-version $(LUA_VERSION) make --deps-mode=none --tree "$$tree" xmppsm-scm-1.rockspec >"$$tree.log" 2>&1 \
+	  || { cat "$$tree.log"; rm -f "$$tree.log"; exit 1; }; rm -f "$$tree.log"; \
+	cd / && $(LUA) -e "package.path='$$tree/share/lua/$(LUA_VERSION)/?.lua;$$tree/share/lua/$(LUA_VERSION)/?/init.lua;'..package.path; \
+	  package.cpath='$$tree/lib/lua/$(LUA_VERSION)/?.so;'..package.cpath; \
+	  local x = require 'xmppsm'; assert(package.searchpath('xmppsm.core', package.cpath):find('$$tree', 1, true)); \
+	  print('rock-check: xmppsm ' .. x._VERSION .. ' installed and loaded from a LuaRocks tree')"
+
+build/fuzz/parser_fuzz: fuzz/parser_fuzz.c $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p build/fuzz
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	  -I$(LUA_INCDIR) -Icsrc fuzz/parser_fuzz.c $(CORE_SRC) -o $@ -llua$(LUA_VERSION) $(CORE_LIBS)
+
+# libFuzzer on the stream parser; FUZZ_SECONDS=600 by default, 30 inside `make test`.
+fuzz: deps build/fuzz/parser_fuzz
+	@mkdir -p build/fuzz/corpus
+	build/fuzz/parser_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \
+	  build/fuzz/corpus fuzz/seeds 2>build/fuzz/log.txt || { tail -n 60 build/fuzz/log.txt; exit 1; }
+	@grep -E "^(stat::number_of_executed_units|Done)" build/fuzz/log.txt || true
+
+bench: all
+	$(MAKE) --no-print-directory -C bench
+	$(LUA) bench/run.lua
+
+doc: deps
+	ldoc -c config.ld .
+
+install: xmppsm/core.so
+	install -d $(DESTDIR)$(LUADIR)/xmppsm $(DESTDIR)$(LIBDIR)/xmppsm
+	install -m 644 lua/xmppsm/*.lua $(DESTDIR)$(LUADIR)/xmppsm/
+	install -m 755 xmppsm/core.so $(DESTDIR)$(LIBDIR)/xmppsm/
+
+clean:
+	rm -rf xmppsm build doc

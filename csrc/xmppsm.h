@@ -1,0 +1,17 @@
+/* Shared declarations of the xmppsm.core C module. */
+#ifndef XMPPSM_H
+#define XMPPSM_H
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#define XMPPSM_VERSION "0.1.0"
+
+/* Each concern registers its functions into the module table at the top of the stack. */
+void xmppsm_open_parser(lua_State *L);
+void xmppsm_open_serialize(lua_State *L);
+void xmppsm_open_queue(lua_State *L);
+void xmppsm_open_crypto(lua_State *L);
+void xmppsm_open_clock(lua_State *L);
+
+#endif

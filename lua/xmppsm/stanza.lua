@@ -1,0 +1,4 @@
+--- Stanza builder (placeholder until implemented; see docs/core.md).
+-- @module xmppsm.stanza
+local stanza = {}
+return stanza
