@@ -1,0 +1,371 @@
+--- The XMPP client: options, events, sending, IQ, and reconnection.
+--
+-- Events (`client:addEventHandler(name, fn)`, short form `client:on(name, fn)`):
+--
+-- * `online(jid)`: a new session is established (not fired when a session is resumed).
+-- * `offline(err)`: the client stopped for good: `close()`, or a failure that reconnecting
+--   cannot fix (wrong password, `conflict`, a bad certificate); `err` is nil after `close()`.
+-- * `status(new, old)`: every status change (see `client:status()`).
+-- * `disconnected(err)`: the connection ended; `err` is nil for a clean close.
+-- * `reconnecting(info)`: a reconnection is scheduled: `{attempt = n, delay = seconds}`.
+-- * `stanza(st)`: every incoming message, presence and iq, before the three below; a handler
+--   returning a non-nil value consumes it.
+-- * `message(st)`, `presence(st)`, `iq(st)`: incoming stanzas by kind; an iq get/set that no
+--   handler consumes (returns non-nil) is answered with `service-unavailable`.
+-- * `error(err)`: an `xmppsm.error`: stream errors from the server, failed connection attempts,
+--   and handlers that raised.
+-- * `rawIn(bytes)`, `rawOut(bytes)`: the XML traffic, with SASL payloads hidden.
+-- @module xmppsm.client
+local connection = require "xmppsm.connection"
+local core = require "xmppsm.core"
+local events = require "xmppsm.events"
+local iq = require "xmppsm.iq"
+local jid = require "xmppsm.jid"
+local loop = require "xmppsm.loop"
+local ns = require "xmppsm.ns"
+local options = require "xmppsm.options"
+local session = require "xmppsm.session"
+local stanza = require "xmppsm.stanza"
+local xmperror = require "xmppsm.error"
+
+local client = {}
+
+local Client = {}
+Client.__index = Client
+
+local LEVELS = { debug = 1, info = 2, warn = 3, error = 4 }
+
+-- Failures that reconnecting would only repeat: wrong credentials, someone else's session
+-- taking over ours (reconnecting would take it back, forever), a server we must not trust.
+local FINAL = {
+  ["not-authorized"] = true, ["conflict"] = true, ["host-unknown"] = true,
+  ["invalid-namespace"] = true, ["unsupported-version"] = true, ["improper-addressing"] = true,
+  ["invalid-from"] = true, ["account-disabled"] = true, ["credentials-expired"] = true,
+  ["server-signature-invalid"] = true, ["invalid-mechanism"] = true,
+}
+
+local function is_final(err)
+  return err ~= nil and (err.type == "auth" or err.type == "tls" or FINAL[err.condition] == true)
+end
+
+--- Creates a client. See `xmppsm.options` (and README) for every option and its default;
+-- an unknown option or a wrong type raises here.
+function client.new(opts)
+  local o = options.check(opts)
+  local node, domain, resource = jid.split(o.jid)
+  if not node or not domain then error("option jid must be an account JID like user@example.org", 2) end
+  if resource and not o.resource then o.resource = resource end
+  local self = setmetatable({
+    opts = o,
+    node = node,
+    domain = domain,
+    bare_jid = node .. "@" .. domain,
+    full_jid = nil,
+    state = "disconnected",
+    outbox = {},           -- stanzas sent while offline, without Stream Management
+    attempt = 0,           -- failed connection attempts since the last session
+    id_counter = 0,
+    id_prefix = core.base64_encode(core.random(6)):gsub("[+/=]", "x"),
+    stats = { connects = 0, reconnects = 0 },
+  }, Client)
+  self.events = events.new(function(name, err) self:_handler_error(name, err) end)
+  self.iq = iq.new(self)
+  self.iq:add_handler(ns.ping, function(ping) return stanza.reply(ping) end)
+  return self
+end
+
+-- Logging --------------------------------------------------------------------------------------
+
+function Client:_log(level, message)
+  if self.opts.logger then
+    local ok = pcall(self.opts.logger, level, message)
+    if ok then return end
+  end
+  if LEVELS[level] >= LEVELS[self.opts.log_level] then
+    io.stderr:write(string.format("xmppsm %s [%s] %s\n", self.bare_jid, level, message))
+  end
+end
+
+function Client:_handler_error(where, err)
+  local e = xmperror.new("handler", "handler-error", "a handler for " .. tostring(where) ..
+                         " raised: " .. tostring(err))
+  self:_log("error", e.text)
+  if where ~= "error" then self.events:fire("error", e) end
+end
+
+-- Events -----------------------------------------------------------------------------------------
+
+--- Adds `fn` as a handler of event `name` (higher `priority` runs first).
+function Client:addEventHandler(name, fn, priority)
+  self.events:add(name, fn, priority)
+  return self
+end
+
+--- Removes a handler added with `addEventHandler`.
+function Client:removeEventHandler(name, fn)
+  return self.events:remove(name, fn)
+end
+
+Client.on = Client.addEventHandler
+Client.off = Client.removeEventHandler
+
+--- Registers `fn(iq)` for incoming get/set IQs whose payload is in namespace `xmlns`; `fn`
+-- returns the reply stanza, or true when it replies itself.
+function Client:addIqHandler(xmlns, fn)
+  self.iq:add_handler(xmlns, fn)
+  return self
+end
+
+function Client:removeIqHandler(xmlns)
+  self.iq:remove_handler(xmlns)
+end
+
+-- Status -----------------------------------------------------------------------------------------
+
+--- The client's status: "disconnected", "connecting", "authenticating", "binding", "online",
+-- "reconnecting", "closing" or "closed".
+function Client:status()
+  return self.state
+end
+
+function Client:_set_status(new)
+  local old = self.state
+  if new == old then return end
+  self.state = new
+  self:_log("debug", "status " .. old .. " -> " .. new)
+  self.events:fire("status", new, old)
+end
+
+function Client:_new_id()
+  self.id_counter = self.id_counter + 1
+  return self.id_prefix .. self.id_counter
+end
+
+-- TLS parameters for this account: the certificate must be valid for the JID's domain, never
+-- for an SRV target or a redirect host.
+function Client:_tls_options(alpn)
+  return { servername = self.domain, verify_name = self.domain, cafile = self.opts.cafile,
+           capath = self.opts.capath, alpn = alpn, timeout = self.opts.connect_timeout }
+end
+
+-- Connecting -------------------------------------------------------------------------------------
+
+--- Starts connecting (returns at once; the loop does the work). Events tell what happens.
+function Client:connect()
+  if self.state ~= "disconnected" and self.state ~= "closed" then return self end
+  if not self.retained then
+    self.retained = true
+    loop.retain()
+  end
+  self.closing = false
+  self:_attempt()
+  return self
+end
+
+function Client:_attempt()
+  self.reconnect_timer = nil
+  self.stats.connects = self.stats.connects + 1
+  local conn
+  conn = connection.new(self.opts, {
+    on_element = function(el, raw) self:_on_element(conn, el, raw) end,
+    on_end = function(err) self:_on_end(conn, err) end,
+    raw_in = function(bytes) self:_raw("rawIn", bytes) end,
+    raw_out = function(bytes) self:_raw("rawOut", bytes) end,
+  })
+  local neg = session.new(self, conn)
+  self.conn, self.neg = conn, neg
+  self:_set_status("connecting")
+  loop.spawn(function()
+    local ok, features, bound, resumed = pcall(neg.run, neg)
+    if self.conn ~= conn then return end   -- superseded (close() or a newer attempt)
+    self.neg = nil
+    if not ok then
+      local err = xmperror.is(features) and features
+        or xmperror.new("connection", "internal-server-error", tostring(features))
+      self.redact_in = false
+      conn:abort(err.text)
+      return self:_attempt_failed(err)
+    end
+    self:_session_ready(features, bound, resumed)
+  end)
+end
+
+function Client:_raw(event, bytes)
+  if not self.events:has(event) then return end
+  if event == "rawIn" and self.redact_in then bytes = "<!-- SASL payload hidden -->" end
+  self.events:fire(event, bytes)
+end
+
+function Client:_on_element(conn, el, raw)
+  if conn ~= self.conn then return end
+  self:_raw("rawIn", raw)
+  if self.neg then return self.neg:deliver(el) end
+  self:_incoming(el)
+end
+
+function Client:_on_end(conn, err)
+  if conn ~= self.conn then return end
+  if self.neg then return self.neg:abort(err) end
+  self:_connection_lost(err)
+end
+
+function Client:_session_ready(features, bound, resumed)
+  self.attempt = 0
+  if resumed then
+    self:_set_status("online")
+    return
+  end
+  self.full_jid = bound
+  if self.sm then self.sm:session_started(features) end
+  self:_set_status("online")
+  if self.opts.presence then
+    local pres = stanza.presence()
+    if self.opts.priority ~= 0 then pres:tag("priority"):text(tostring(self.opts.priority)):up() end
+    self:send(pres)
+  end
+  local waiting = self.outbox
+  self.outbox = {}
+  for _, st in ipairs(waiting) do self:send(st) end
+  self.events:fire("online", bound)
+end
+
+function Client:_attempt_failed(err)
+  self:_log("warn", "connection attempt failed: " .. tostring(err))
+  self.events:fire("error", err)
+  self.conn = nil
+  self:_set_status("disconnected")
+  self.events:fire("disconnected", err)
+  self:_after_disconnect(err)
+end
+
+function Client:_connection_lost(err)
+  self.conn = nil
+  if err then self:_log("warn", "connection lost: " .. tostring(err)) end
+  if err and err.type == "stream" then self.events:fire("error", err) end
+  self:_set_status("disconnected")
+  self.events:fire("disconnected", err)
+  if not (self.sm and self.sm:keeps_requests()) then
+    self.iq:fail_all(xmperror.new("iq", "connection-lost", "the connection was lost before the reply"))
+  end
+  self:_after_disconnect(err, true)
+end
+
+-- Decides between reconnecting and stopping.
+function Client:_after_disconnect(err, was_online)
+  if self.closing or not self.opts.reconnect or is_final(err) then
+    return self:_stop(err)
+  end
+  -- The first retry after losing a working session goes at once: resumption is fastest then.
+  local delay = 0
+  if not was_online then
+    self.attempt = self.attempt + 1
+    local base = math.min(self.opts.reconnect_max_delay,
+                          self.opts.reconnect_delay * 2 ^ (self.attempt - 1))
+    delay = base * (0.5 + math.random() * 0.5)   -- jitter: spread clients that dropped together
+  end
+  self.stats.reconnects = self.stats.reconnects + 1
+  self:_set_status("reconnecting")
+  self.events:fire("reconnecting", { attempt = self.attempt, delay = delay })
+  self.reconnect_timer = loop.after(delay, function()
+    if self.state == "reconnecting" then self:_attempt() end
+  end)
+end
+
+function Client:_stop(err)
+  if self.reconnect_timer then self.reconnect_timer:cancel() self.reconnect_timer = nil end
+  self.iq:fail_all(xmperror.new("iq", "connection-lost", "the client stopped before the reply"))
+  if self.sm then self.sm:client_stopped(err) end
+  self:_set_status("closed")
+  if self.retained then
+    self.retained = false
+    loop.release()
+  end
+  self.events:fire("offline", err)
+end
+
+--- Ends the session gracefully: sends the stream end and waits (up to `timeout` seconds,
+-- default 5) for the server's, then stops without reconnecting. The `offline` event follows.
+function Client:close(timeout)
+  self.closing = true
+  if self.reconnect_timer then
+    self.reconnect_timer:cancel()
+    self.reconnect_timer = nil
+  end
+  local conn = self.conn
+  if conn and not self.neg then
+    self:_set_status("closing")
+    if self.sm then self.sm:before_close(conn) end
+    conn:close(timeout)
+  elseif conn then
+    conn:abort("closed by the user")
+  elseif self.state ~= "closed" then
+    self:_stop(nil)
+  end
+end
+
+-- Incoming ----------------------------------------------------------------------------------------
+
+function Client:_incoming(el)
+  if self.sm and self.sm:incoming(el) then return end
+  local name = el.name
+  if el.attr.xmlns ~= nil or (name ~= "message" and name ~= "presence" and name ~= "iq") then
+    self:_log("debug", "ignored top-level <" .. name .. "/> in " .. tostring(el.attr.xmlns))
+    return
+  end
+  if self.sm then self.sm:count_inbound() end
+  if self.events:fire("stanza", el) ~= nil then return end
+  if name == "message" then
+    self.events:fire("message", el)
+  elseif name == "presence" then
+    self.events:fire("presence", el)
+  else
+    if self.iq:incoming(el) then return end
+    if self.events:fire("iq", el) ~= nil then return end
+    local kind = el.attr.type
+    if kind == "get" or kind == "set" then
+      self:send(stanza.error_reply(el, "cancel", "service-unavailable"))
+    end
+  end
+end
+
+-- Sending -----------------------------------------------------------------------------------------
+
+--- Sends a stanza. Returns true, or `nil, err` when it cannot be serialized (invalid XML
+-- characters, bad names: nothing is sent then). Stanzas sent while offline wait and go out,
+-- in order, when the session is online again.
+function Client:send(st, ...)
+  if not stanza.is_stanza(st) then error("send() takes a stanza", 2) end
+  if self.sm then return self.sm:send(st, ...) end
+  local raw, err = core.serialize(st)
+  if not raw then return nil, xmperror.new("send", "invalid-xml", err) end
+  if self.state ~= "online" then
+    self.outbox[#self.outbox + 1] = st
+    return true
+  end
+  self.conn:send_raw(raw)
+  return true
+end
+
+--- Sends an IQ get/set and delivers the reply: `callback(reply)` or `callback(nil, err)`.
+-- Without a callback, inside `xmppsm.spawn`, it waits and returns `reply` or `nil, err`.
+function Client:request(request, timeout, callback)
+  return self.iq:request(request, timeout, callback)
+end
+
+--- Runs the loop once: waits up to `timeout` seconds for activity (nil: until the next timer).
+function Client:step(timeout) -- luacheck: no unused args
+  return loop.step(timeout)
+end
+
+--- The socket of the current connection (LuaSocket or LuaSec object, with `getfd()`), for
+-- embedding in another event loop; nil when not connected.
+function Client:socket()
+  return self.conn and self.conn.transport.sock or nil
+end
+
+--- The bound full JID, or nil before the first session.
+function Client:jid()
+  return self.full_jid
+end
+
+return client

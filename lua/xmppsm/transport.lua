@@ -1,0 +1,268 @@
+--- A non-blocking TCP or TLS byte stream driven by the loop. It knows nothing of XMPP.
+-- Received bytes go to `on_data(bytes)`; the end of the connection (by either side, or an
+-- error) goes to `on_close(reason)` exactly once.
+-- @module xmppsm.transport
+local socket = require "socket"
+local ssl = require "ssl"
+local core = require "xmppsm.core"
+local loop = require "xmppsm.loop"
+
+local transport = {}
+
+local Transport = {}
+Transport.__index = Transport
+
+local READ_SIZE = 65536
+local TLS_OPTIONS = { "no_sslv2", "no_sslv3", "no_tlsv1", "no_tlsv1_1", "no_compression" }
+
+--- Creates a transport. `opts.on_data(bytes)` and `opts.on_close(reason)` are required;
+-- `opts.on_drain()` (optional) is called when everything queued was written.
+function transport.new(opts)
+  local t = setmetatable({
+    on_data = assert(opts.on_data, "on_data required"),
+    on_close = assert(opts.on_close, "on_close required"),
+    on_drain = opts.on_drain,
+    out = {},          -- strings waiting to be written, in order
+    out_pos = 1,       -- bytes of out[1] already written, plus one
+    closed = false,
+    want_write = false,
+  }, Transport)
+  return t
+end
+
+-- Resolves `host` to addresses, IPv6 and IPv4 in the resolver's order.
+local function addresses_of(host)
+  local infos, err = socket.dns.getaddrinfo(host)
+  if not infos then return nil, "cannot resolve " .. host .. ": " .. tostring(err) end
+  local list, seen = {}, {}
+  for _, info in ipairs(infos) do
+    local key = info.family .. info.addr
+    if not seen[key] and (info.family == "inet" or info.family == "inet6") then
+      seen[key] = true
+      list[#list + 1] = info
+    end
+  end
+  if #list == 0 then return nil, "no address for " .. host end
+  return list
+end
+
+--- Connects to `host`:`port`, trying each address within `timeout` seconds in all.
+-- Calls `cb(true)` when connected or `cb(nil, err)`.
+function Transport:connect(host, port, timeout, cb)
+  local addrs, err = addresses_of(host)
+  if not addrs then return cb(nil, err) end
+  local deadline = core.monotime() + timeout
+  local i = 0
+  local last_err
+  local function try_next()
+    i = i + 1
+    local a = addrs[i]
+    if not a or core.monotime() >= deadline then
+      return cb(nil, string.format("cannot connect to %s port %d: %s", host, port,
+                                   last_err or "timed out"))
+    end
+    local sock = a.family == "inet6" and socket.tcp6() or socket.tcp4()
+    sock:settimeout(0)
+    sock:setoption("tcp-nodelay", true)
+    local ok, cerr = sock:connect(a.addr, port)
+    if ok or cerr == "already connected" then
+      self.sock = sock
+      return self:_connected(cb)
+    end
+    if cerr ~= "timeout" and cerr ~= "Operation already in progress" then
+      last_err = cerr
+      sock:close()
+      return try_next()
+    end
+    -- In progress: wait until writable, or the deadline.
+    local w = { sock = sock, want_write = true, want_read = false }
+    local timer
+    local function finish(success, why)
+      loop.unwatch(w)
+      timer:cancel()
+      if success then
+        self.sock = sock
+        return self:_connected(cb)
+      end
+      last_err = why
+      sock:close()
+      return try_next()
+    end
+    function w.on_writable()
+      local ok2, err2 = sock:connect(a.addr, port)
+      if ok2 or err2 == "already connected" then return finish(true) end
+      return finish(false, err2)
+    end
+    w.on_readable = w.on_writable
+    timer = loop.after(math.max(0, deadline - core.monotime()), function()
+      finish(false, "timed out")
+    end)
+    loop.watch(w)
+  end
+  try_next()
+end
+
+function Transport:_connected(cb)
+  self.want_read = true
+  loop.watch(self)
+  cb(true)
+end
+
+--- Starts TLS on the connected socket. `opts`: `servername` (SNI), `verify_name` (the name the
+-- certificate must be valid for: the JID's domain), `cafile`, `capath`, `alpn`, `timeout`,
+-- `verify` (false only for tests that want to see what happens without it).
+-- Calls `cb(true)` when the handshake succeeded and the certificate was checked, else
+-- `cb(nil, err)`.
+function Transport:start_tls(opts, cb)
+  local params = {
+    mode = "client",
+    protocol = "any",
+    options = TLS_OPTIONS,
+    verify = opts.verify == false and { "none" } or { "peer" },
+    cafile = opts.cafile,
+    capath = opts.capath,
+    alpn = opts.alpn,
+  }
+  if not params.cafile and not params.capath then params.capath = "/etc/ssl/certs" end
+  loop.unwatch(self)
+  local conn, err = ssl.wrap(self.sock, params)
+  if not conn then return cb(nil, "TLS setup failed: " .. tostring(err)) end
+  conn:settimeout(0)
+  if opts.servername then conn:sni(opts.servername) end
+  self.sock = conn
+  self.tls = true
+
+  local w = { sock = conn, want_write = false, want_read = true }
+  local timer
+  local done = false
+  local function finish(ok, why)
+    if done then return end
+    done = true
+    loop.unwatch(w)
+    timer:cancel()
+    if not ok then return cb(nil, why) end
+    if opts.verify ~= false then
+      local verified, errors = conn:getpeerverification()
+      if not verified then
+        local reasons = {}
+        for _, list in pairs(errors or {}) do
+          for _, e in ipairs(list) do reasons[#reasons + 1] = tostring(e) end
+        end
+        return cb(nil, "certificate not trusted: " .. table.concat(reasons, "; "))
+      end
+      local cert = conn:getpeercertificate()
+      local valid, why2 = core.check_host(cert and cert:pem() or "", opts.verify_name)
+      if not valid then
+        return cb(nil, "certificate is not valid for " .. tostring(opts.verify_name) ..
+                       (why2 and (": " .. why2) or ""))
+      end
+    end
+    self:_connected(cb)
+  end
+  local function step()
+    local ok, herr = conn:dohandshake()
+    if ok then return finish(true) end
+    if herr == "wantread" then w.want_read, w.want_write = true, false
+    elseif herr == "wantwrite" then w.want_read, w.want_write = false, true
+    else return finish(false, "TLS handshake failed: " .. tostring(herr)) end
+  end
+  w.on_readable, w.on_writable = step, step
+  timer = loop.after(opts.timeout or 30, function() finish(false, "TLS handshake timed out") end)
+  loop.watch(w)
+  step()
+end
+
+--- TLS facts once the handshake is done: protocol version, cipher, ALPN.
+function Transport:tls_info()
+  if not self.tls then return nil end
+  local info = self.sock:info() or {}
+  return { protocol = info.protocol, cipher = info.cipher, alpn = self.sock:getalpn() }
+end
+
+--- tls-exporter channel binding data (RFC 9266), or nil when not available: it is defined for
+-- TLS 1.3 (and TLS 1.2 with extended master secret, which is not detectable here).
+function Transport:channel_binding()
+  local info = self:tls_info()
+  if not info or info.protocol ~= "TLSv1.3" then return nil end
+  return self.sock:exportkeyingmaterial("EXPORTER-Channel-Binding", 32)
+end
+
+--- Queues bytes for writing and writes what the socket takes now.
+function Transport:send(data)
+  if self.closed then return nil, "closed" end
+  self.out[#self.out + 1] = data
+  if not self.want_write then self:_flush() end
+  return true
+end
+
+--- Bytes queued and not yet written.
+function Transport:pending()
+  local n = 0
+  for i, s in ipairs(self.out) do n = n + #s - (i == 1 and self.out_pos - 1 or 0) end
+  return n
+end
+
+function Transport:_flush()
+  local out = self.out
+  while out[1] do
+    if #out > 1 then
+      -- Many small stanzas: one write instead of one per stanza.
+      local first = out[1]:sub(self.out_pos)
+      out[1] = first .. table.concat(out, "", 2)
+      for i = #out, 2, -1 do out[i] = nil end
+      self.out_pos = 1
+    end
+    local data = out[1]
+    local last, err, partial = self.sock:send(data, self.out_pos)
+    local sent = last or partial
+    if sent and sent >= #data then
+      table.remove(out, 1)
+      self.out_pos = 1
+    else
+      if sent and sent >= self.out_pos then self.out_pos = sent + 1 end
+      if err == "timeout" or err == "wantwrite" or err == "wantread" then
+        self.want_write = true
+        return
+      end
+      return self:close(err or "write failed")
+    end
+  end
+  self.want_write = false
+  if self.on_drain then self.on_drain() end
+end
+
+function Transport:on_writable()
+  self:_flush()
+end
+
+function Transport:on_readable()
+  local sock = self.sock
+  while not self.closed do
+    local data, err, partial = sock:receive(READ_SIZE)
+    local got = data or partial
+    if got and #got > 0 then self.on_data(got) end
+    if self.closed then return end
+    if not data then
+      if err == "timeout" or err == "wantread" or err == "wantwrite" then return end
+      return self:close(err == "closed" and "connection closed by peer" or tostring(err))
+    end
+  end
+end
+
+--- Closes the connection (idempotent) and reports `reason` through `on_close`.
+function Transport:close(reason)
+  if self.closed then return end
+  self.closed = true
+  loop.unwatch(self)
+  if self.sock then self.sock:close() end
+  self.on_close(reason or "closed")
+end
+
+--- Closes after writing what is queued, giving up after `timeout` seconds.
+function Transport:close_after_flush(timeout, reason)
+  if not self.want_write then return self:close(reason) end
+  self.on_drain = function() self:close(reason) end
+  loop.after(timeout, function() self:close(reason) end)
+end
+
+return transport
