@@ -38,6 +38,7 @@ build = {
       },
       ["xmppsm"] = "lua/xmppsm/init.lua",
       ["xmppsm.stanza"] = "lua/xmppsm/stanza.lua",
+      ["xmppsm.scram"] = "lua/xmppsm/scram.lua",
    },
 }
 test = {

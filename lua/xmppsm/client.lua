@@ -25,6 +25,8 @@ local loop = require "xmppsm.loop"
 local ns = require "xmppsm.ns"
 local options = require "xmppsm.options"
 local session = require "xmppsm.session"
+local sm = require "xmppsm.sm"
+local store = require "xmppsm.store"
 local stanza = require "xmppsm.stanza"
 local xmperror = require "xmppsm.error"
 
@@ -71,6 +73,22 @@ function client.new(opts)
   self.events = events.new(function(name, err) self:_handler_error(name, err) end)
   self.iq = iq.new(self)
   self.iq:add_handler(ns.ping, function(ping) return stanza.reply(ping) end)
+  if o.sm ~= false then
+    local sm_opts = o.sm or {}
+    local st = sm_opts.store
+    local rest = {}
+    for k, v in pairs(sm_opts) do if k ~= "store" then rest[k] = v end end
+    local the_store
+    if st == nil or type(st) == "string" then
+      local path = st or store.default_path(self.bare_jid)
+      local s, err = store.file(path, { durability = rest.durability or sm.defaults.durability })
+      if not s then error(err, 2) end
+      the_store = s
+    elseif type(st) == "table" then
+      the_store = st.load and st.save and store.custom(st) or st
+    end
+    self.sm = sm.new(self, rest, the_store or nil)
+  end
   return self
 end
 
@@ -209,15 +227,16 @@ function Client:_on_end(conn, err)
   self:_connection_lost(err)
 end
 
-function Client:_session_ready(features, bound, resumed)
+function Client:_session_ready(_, bound, resumed)
   self.attempt = 0
   if resumed then
     self:_set_status("online")
+    self.sm:online()
     return
   end
   self.full_jid = bound
-  if self.sm then self.sm:session_started(features) end
   self:_set_status("online")
+  if self.sm then self.sm:online() end
   if self.opts.presence then
     local pres = stanza.presence()
     if self.opts.priority ~= 0 then pres:tag("priority"):text(tostring(self.opts.priority)):up() end
@@ -231,6 +250,7 @@ end
 
 function Client:_attempt_failed(err)
   self:_log("warn", "connection attempt failed: " .. tostring(err))
+  if self.sm then self.sm:disconnected() end
   self.events:fire("error", err)
   self.conn = nil
   self:_set_status("disconnected")
@@ -240,6 +260,7 @@ end
 
 function Client:_connection_lost(err)
   self.conn = nil
+  if self.sm then self.sm:disconnected() end
   if err then self:_log("warn", "connection lost: " .. tostring(err)) end
   if err and err.type == "stream" then self.events:fire("error", err) end
   self:_set_status("disconnected")
@@ -312,7 +333,12 @@ function Client:_incoming(el)
     self:_log("debug", "ignored top-level <" .. name .. "/> in " .. tostring(el.attr.xmlns))
     return
   end
+  self:_dispatch(el, name)
+  -- Counted once handled, so a crash mid-handler gets the stanza again after resumption.
   if self.sm then self.sm:count_inbound() end
+end
+
+function Client:_dispatch(el, name)
   if self.events:fire("stanza", el) ~= nil then return end
   if name == "message" then
     self.events:fire("message", el)
@@ -331,11 +357,13 @@ end
 -- Sending -----------------------------------------------------------------------------------------
 
 --- Sends a stanza. Returns true, or `nil, err` when it cannot be serialized (invalid XML
--- characters, bad names: nothing is sent then). Stanzas sent while offline wait and go out,
--- in order, when the session is online again.
-function Client:send(st, ...)
+-- characters, bad names) or the queue is full: nothing is sent then. Stanzas sent while
+-- offline wait and go out, in order, when the session is online again. With Stream Management
+-- (the default), `callback(ok, err, st)` is called exactly once: `true` when the server
+-- acknowledged the stanza, `false, err` when it failed.
+function Client:send(st, callback)
   if not stanza.is_stanza(st) then error("send() takes a stanza", 2) end
-  if self.sm then return self.sm:send(st, ...) end
+  if self.sm then return self.sm:send(st, callback) end
   local raw, err = core.serialize(st)
   if not raw then return nil, xmperror.new("send", "invalid-xml", err) end
   if self.state ~= "online" then
@@ -361,6 +389,12 @@ end
 -- embedding in another event loop; nil when not connected.
 function Client:socket()
   return self.conn and self.conn.transport.sock or nil
+end
+
+--- Stream Management state: enabled, resumable, id, counters, unacknowledged count and bytes,
+-- age of the oldest, resumes, failures, re-sent stanzas, ack round-trip times. Nil when off.
+function Client:sm_state()
+  return self.sm and self.sm:state()
 end
 
 --- The bound full JID, or nil before the first session.

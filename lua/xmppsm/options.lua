@@ -25,6 +25,8 @@ options.spec = {
   reconnect_delay = { type = "number", default = 1, doc = "first reconnection delay, seconds" },
   reconnect_max_delay = { type = "number", default = 60, doc = "cap of the reconnection delay, seconds" },
   max_stanza_size = { type = "number", default = 262144, doc = "largest stanza accepted, bytes" },
+  sm = { type = "table", allow_false = true,
+         doc = "Stream Management options (see below), or false to turn it off" },
   logger = { type = "function", doc = "function(level, message); default: warnings and errors to stderr" },
   log_level = { type = { "debug", "info", "warn", "error" }, default = "warn",
                 doc = "lowest level the default logger prints" },
@@ -37,6 +39,8 @@ local function check_type(name, spec, value)
     end
     error(string.format("option %s must be one of %s, not %s", name,
                         table.concat(spec.type, ", "), tostring(value)), 4)
+  elseif value == false and spec.allow_false then
+    return
   elseif type(value) ~= spec.type then
     error(string.format("option %s must be a %s, not a %s", name, spec.type, type(value)), 4)
   end

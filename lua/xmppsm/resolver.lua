@@ -45,6 +45,15 @@ local function lookup_srv(name)
   return records
 end
 
+--- Parses a stream management `location` ("host", "host:port" or "[ipv6]:port") into a target
+-- like `fallback` (whose port and TLS mode are kept when the location names no port).
+function resolver.parse_location(location, fallback)
+  local host, port = location:match("^%[([^%]]+)%]:?(%d*)$")
+  if not host then host, port = location:match("^([^:]+):?(%d*)$") end
+  if not host then return nil end
+  return { host = host, port = tonumber(port) or fallback.port, direct_tls = fallback.direct_tls }
+end
+
 --- The places to try, in order: a list of `{host, port, direct_tls}`.
 -- @tparam string domain the JID's domain
 -- @tparam table opts the client's options (`host`, `port`, `tls`)

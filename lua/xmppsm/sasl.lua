@@ -74,13 +74,12 @@ function sasl.authenticate(neg, features)
   if name == "PLAIN" then
     initial = "\0" .. client.node .. "\0" .. client.opts.password
   else
-    -- Offering no binding although we could, while the server offered -PLUS somewhere, would
-    -- let a downgrade go unnoticed: the "y" flag in the GS2 header tells the server.
     local plus = name:match("%-PLUS$") ~= nil
+    -- With cb_type but no -PLUS, the GS2 header says "y": we could bind, the server did not
+    -- offer it; a server that did offer -PLUS (stripped by an attacker) then refuses us.
     mech = scram.new{
       mechanism = name, username = client.node, password = client.opts.password,
-      cb_type = plus and "tls-exporter" or nil, cb_data = plus and cb_data or nil,
-      client_supports_binding = cb_data ~= nil,
+      cb_type = cb_data and "tls-exporter" or nil, cb_data = plus and cb_data or nil,
     }
     initial = mech:initial()
   end

@@ -98,6 +98,11 @@ end
 local function connect_any(self)
   local client = self.client
   local targets = resolver.targets(client.domain, client.opts)
+  -- XEP-0198: resume at the server's preferred location first (the certificate is still
+  -- checked against the JID's domain).
+  local location = client.sm and client.sm.session and client.sm.session.location
+  local preferred = location and resolver.parse_location(location, targets[1])
+  if preferred then table.insert(targets, 1, preferred) end
   local last_err
   for _, target in ipairs(targets) do
     local tls_opts = target.direct_tls and client:_tls_options("xmpp-client") or nil
@@ -185,6 +190,7 @@ function Negotiation:run()
   end
   client:_set_status("binding")
   local jid = bind(self, features)
+  if sm then sm:enable(self, features, jid) end
   return features, jid
 end
 

@@ -1,0 +1,480 @@
+--- XEP-0198 Stream Management: the delivery contract.
+--
+-- Every stanza given to `client:send()` gets exactly one outcome, exactly once: acknowledged by
+-- the server (events `ackedStanza`, `ackedRaw`, `ack`, and the stanza's own callback with
+-- `true`) or failed with a reason (event `fail`, and the callback with `false, err`).
+-- Stanzas live in two places until then: `unsent` (accepted, not yet written on a stream with
+-- Stream Management enabled) and the C queue (written, waiting for the server's `<a h/>`).
+-- Both are mirrored in the store, so a restarted process resumes the session and re-sends.
+-- @module xmppsm.sm
+local core = require "xmppsm.core"
+local loop = require "xmppsm.loop"
+local ns = require "xmppsm.ns"
+local stanza = require "xmppsm.stanza"
+local socket = require "socket"
+local xmperror = require "xmppsm.error"
+
+local sm = {}
+
+local SM = {}
+SM.__index = SM
+
+--- Options of the client's `sm` table, with their defaults.
+sm.defaults = {
+  resume = true,          -- ask for a resumable session
+  ack_after = 10,         -- request an ack once this many stanzas are unacknowledged
+  ack_interval = 30,      -- with no traffic, request an ack this often (finds dead links)
+  ack_timeout = 15,       -- no <a/> this long after <r/>: the connection is dead
+  max_queue = 10000,      -- most unacknowledged stanzas (send() fails beyond)
+  max_queue_bytes = 16 * 1024 * 1024,
+  leftovers = "resend",   -- after a failed resumption: "resend", "fail", or function(st) -> "resend"|"fail"
+  store = nil,            -- path, false (keep nothing), or a store object; nil: the default path
+  durability = "write",   -- "fsync", "write" or "none" (see xmppsm.store)
+}
+
+local function check_options(given)
+  local o = {}
+  for k, v in pairs(sm.defaults) do o[k] = v end
+  for k, v in pairs(given or {}) do
+    if sm.defaults[k] == nil and k ~= "store" then error("unknown sm option " .. tostring(k), 4) end
+    o[k] = v
+  end
+  local lo = o.leftovers
+  if lo ~= "resend" and lo ~= "fail" and type(lo) ~= "function" then
+    error("sm option leftovers must be \"resend\", \"fail\" or a function", 4)
+  end
+  return o
+end
+
+-- XEP-0082 timestamp for <delay/>.
+local function stamp_string(t)
+  local whole = math.floor(t)
+  return os.date("!%Y-%m-%dT%H:%M:%S", whole) .. string.format(".%03dZ", math.floor((t - whole) * 1000))
+end
+
+--- Creates the Stream Management layer of `client` with the client's `sm` option table.
+function sm.new(client, given, store)
+  local o = check_options(given)
+  local self = setmetatable({
+    client = client,
+    opts = o,
+    queue = core.queue{ max_items = o.max_queue, max_bytes = o.max_queue_bytes },
+    unsent = {},           -- { raw=, st=, stamp=, cb= } in send order
+    callbacks = {},        -- queue obj (stanza table) -> outcome callback
+    enabled = false,       -- SM is on for the current stream
+    session = nil,         -- { id, location, max, jid } of a resumable session
+    inbound = 0,
+    r_outstanding = false,
+    store = store,
+    stats = { resumes = 0, resume_failures = 0, resent = 0, acked = 0, failed = 0,
+              rtt_last = nil, rtt_sum = 0, rtt_count = 0 },
+  }, SM)
+  if store then self:_restore(store) end
+  return self
+end
+
+-- Loads what a previous process left: the resumable session, counters and the stanzas it had
+-- not seen acknowledged, which go back into the queue in their old order.
+function SM:_restore(store)
+  local state, warning = store:load()
+  if warning then
+    self.client:_log("warn", "stream management store: " .. warning)
+    self.client.events:fire("error", xmperror.new("sm", "store-corrupt", warning))
+  end
+  if not state then return end
+  self.session = state.session
+  self.inbound = state.inbound or 0
+  if state.session then
+    self.queue:set_counter(state.acked or 0)
+    for _, item in ipairs(state.items or {}) do
+      local seq, err = self.queue:push(item.raw, false, item.stamp)
+      if not seq then
+        self.client:_log("error", "cannot restore a queued stanza: " .. tostring(err))
+      end
+    end
+  else
+    for _, item in ipairs(state.items or {}) do
+      self.unsent[#self.unsent + 1] = { raw = item.raw, stamp = item.stamp }
+    end
+  end
+end
+
+-- Outcomes -------------------------------------------------------------------------------------
+
+-- The stanza object of a queue item; items restored from the store carry only bytes.
+local function object_of(raw, obj)
+  if obj then return obj end
+  return stanza.parse(raw)
+end
+
+function SM:_acked(raw, obj)
+  local st = object_of(raw, obj)
+  local cb = obj and self.callbacks[obj]
+  if cb then self.callbacks[obj] = nil end
+  self.stats.acked = self.stats.acked + 1
+  local events = self.client.events
+  events:fire("ackedStanza", st)
+  events:fire("ackedRaw", raw)
+  events:fire("ack", st)
+  if cb then
+    local ok, err = pcall(cb, true, nil, st)
+    if not ok then self.client:_handler_error("send callback", err) end
+  end
+end
+
+function SM:_failed(raw, obj, err)
+  local st = object_of(raw, obj)
+  local cb = obj and self.callbacks[obj]
+  if cb then self.callbacks[obj] = nil end
+  self.stats.failed = self.stats.failed + 1
+  self.client.events:fire("fail", st, err)
+  if cb then
+    local ok, cerr = pcall(cb, false, err, st)
+    if not ok then self.client:_handler_error("send callback", cerr) end
+  end
+end
+
+-- Releases what `h` acknowledges. Returns true, or false after a protocol error was handled.
+function SM:_handle_h(h_text, where)
+  local h, perr = core.parse_h(h_text or "")
+  if not h then
+    -- A broken h says nothing reliable: keep every stanza, let the ack timeout decide.
+    self.client:_log("warn", "ignored " .. where .. " with a malformed h: " .. tostring(perr))
+    self.client.events:fire("error", xmperror.new("sm", "bad-ack", "malformed h in " .. where))
+    return true
+  end
+  local items, n = self.queue:ack(h)
+  if not items then
+    local text = string.format("the server acknowledged %d stanzas but only %d were sent",
+                               core.h_diff(h, self.queue:acked()), self.queue:count())
+    self.client:_log("error", text)
+    self.client.events:fire("error", xmperror.new("sm", "handled-count-too-high", text))
+    -- XEP-0198 §6: tell the server, end the stream; its counters can't be trusted to resume.
+    self.session = nil
+    if self.store then self.store:ended() end
+    local conn = self.client.conn
+    if conn then
+      conn:send_raw("<stream:error><undefined-condition xmlns='" .. ns.streams .. "'/>" ..
+                    "<handled-count-too-high xmlns='" .. ns.sm .. "' h='" .. h .. "' send-count='" ..
+                    self.queue:pushed() .. "'/></stream:error></stream:stream>")
+      conn:abort("handled-count-too-high")
+    end
+    return false
+  end
+  if n > 0 and self.store then self.store:acked(h, n) end
+  for i = 1, n do
+    self:_acked(items[3 * i - 2], items[3 * i - 1])
+  end
+  return true
+end
+
+-- Sending --------------------------------------------------------------------------------------
+
+--- Accepts a stanza for delivery. `cb(ok, err, st)` is its outcome callback (optional).
+-- Returns true, or `nil, err` when it was refused (invalid XML, queue full): then no outcome
+-- follows, because nothing was accepted.
+function SM:send(st, cb)
+  local raw, err = core.serialize(st)
+  if not raw then return nil, xmperror.new("send", "invalid-xml", err) end
+  local waiting = self.queue:count() + #self.unsent
+  if waiting >= self.opts.max_queue then
+    return nil, xmperror.new("send", "queue-full",
+                             "too many unacknowledged stanzas (" .. self.opts.max_queue .. ")")
+  end
+  local stamp = socket.gettime()
+  -- Durable before the bytes can reach the socket: a crash after this line loses nothing.
+  if self.store then self.store:queued(raw, stamp) end
+  if cb then self.callbacks[st] = cb end
+  if self.client.state ~= "online" then
+    self.unsent[#self.unsent + 1] = { raw = raw, st = st, stamp = stamp }
+  elseif self.enabled then
+    self:_write(raw, st, stamp)
+  else
+    self:_send_unmanaged(raw, st)
+  end
+  return true
+end
+
+-- Without Stream Management nothing can be acknowledged: say so rather than pretend.
+function SM:_send_unmanaged(raw, st)
+  self.client.conn:send_raw(raw)
+  self:_failed(raw, st, xmperror.new("sm", "unacknowledged",
+    "sent, but the server does not acknowledge stanzas (no stream management)"))
+  self.dirty = true
+end
+
+function SM:_write(raw, st, stamp)
+  local seq, err = self.queue:push(raw, st, stamp)
+  if not seq then
+    -- The byte limit: settle it now rather than hold it forever.
+    return self:_failed(raw, st, xmperror.new("send", "queue-full", tostring(err)))
+  end
+  self.client.conn:send_raw(raw)
+  self:_ack_policy()
+end
+
+-- Ack requests: at most one outstanding; one after a burst of sends (coalesced at the end of
+-- the loop step) or at once after `ack_after` unacknowledged stanzas.
+function SM:_ack_policy()
+  if self.r_outstanding or not self.enabled then return end
+  if self.queue:count() >= self.opts.ack_after then return self:request_ack() end
+  if not self.burst_timer then
+    self.burst_timer = loop.after(0, function()
+      self.burst_timer = nil
+      if self.queue:count() > 0 then self:request_ack() end
+    end)
+  end
+end
+
+--- Sends `<r/>` unless one is outstanding, and arms the ack timeout.
+function SM:request_ack()
+  if self.r_outstanding or not self.enabled then return end
+  local conn = self.client.conn
+  if not conn then return end
+  self.r_outstanding = true
+  self.r_sent_at = core.monotime()
+  conn:send_raw("<r xmlns='" .. ns.sm .. "'/>")
+  self.ack_timer = loop.after(self.opts.ack_timeout, function()
+    self.client:_log("warn", "no ack within " .. self.opts.ack_timeout .. " s: the connection is dead")
+    conn:abort("no acknowledgement within " .. self.opts.ack_timeout .. " s")
+  end)
+end
+
+-- Incoming -------------------------------------------------------------------------------------
+
+--- Handles SM elements on an established stream. Returns true when `el` was one.
+function SM:incoming(el)
+  if el.attr.xmlns ~= ns.sm then return false end
+  local name = el.name
+  if name == "r" then
+    self.client.conn:send_raw(string.format("<a xmlns='%s' h='%d'/>", ns.sm, self.inbound))
+  elseif name == "a" then
+    if self.r_outstanding then
+      self.r_outstanding = false
+      if self.ack_timer then self.ack_timer:cancel() self.ack_timer = nil end
+      local rtt = core.monotime() - self.r_sent_at
+      self.stats.rtt_last, self.stats.rtt_sum = rtt, self.stats.rtt_sum + rtt
+      self.stats.rtt_count = self.stats.rtt_count + 1
+    end
+    if self:_handle_h(el.attr.h, "<a/>") and self.queue:count() >= self.opts.ack_after then
+      self:request_ack()
+    end
+  else
+    self.client:_log("debug", "ignored <" .. name .. "/> from the server")
+  end
+  return true
+end
+
+--- Counts a handled inbound stanza (message, presence, iq).
+function SM:count_inbound()
+  if not self.enabled then return end
+  self.inbound = core.h_add(self.inbound, 1)
+  if self.store then self.store:inbound(self.inbound) end
+end
+
+-- Negotiation ----------------------------------------------------------------------------------
+
+--- During negotiation, after authentication: resumes the previous session when there is one.
+-- Returns true when resumed; false when a new session must be bound (after settling what the
+-- failed resumption's `h` says).
+function SM:try_resume(neg, features)
+  self.enabled = false
+  self.r_outstanding = false
+  if not self.session or not features:get_child("sm", ns.sm) then return false end
+  neg:send(stanza.stanza("resume", { xmlns = ns.sm, previd = self.session.id,
+                                     h = tostring(self.inbound) }))
+  local reply = neg:next("the resumption reply")
+  if reply.attr.xmlns == ns.sm and reply.name == "resumed" then
+    self.stats.resumes = self.stats.resumes + 1
+    self.enabled = true
+    self.resumed_pending = reply
+    return true
+  end
+  self.stats.resume_failures = self.stats.resume_failures + 1
+  local condition = reply.tags[1] and reply.tags[1].name or "item-not-found"
+  local err = xmperror.new("sm", condition, "the server could not resume the session (" .. condition .. ")")
+  if reply.attr.h then self:_handle_h(reply.attr.h, "<failed/>") end
+  self:_session_lost(err)
+  self.client.events:fire("resumeFailed", err)
+  return false
+end
+
+-- The old session is gone: settle what it left by the leftovers policy; pending IQ requests
+-- can no longer get their replies.
+function SM:_session_lost(err)
+  self.session = nil
+  self.inbound = 0
+  self.client.iq:fail_all(xmperror.new("iq", "session-lost", "the session was lost before the reply"))
+  local items, n = self.queue:clear()
+  self.queue:set_counter(0)
+  local resend = {}
+  for i = 1, n do
+    local raw, obj, stamp = items[3 * i - 2], items[3 * i - 1], items[3 * i]
+    local st = object_of(raw, obj)
+    local policy = self.opts.leftovers
+    if type(policy) == "function" then
+      local ok, choice = pcall(policy, st)
+      policy = ok and choice or "resend"
+    end
+    -- An IQ request re-sent in a new session would get an orphan reply: settle it instead.
+    if policy == "resend" and st.name ~= "iq" then
+      resend[#resend + 1] = { raw = raw, st = obj or st, stamp = stamp }
+      if not obj and self.callbacks[st] == nil then resend[#resend].st = st end
+    else
+      self:_failed(raw, obj, err)
+    end
+  end
+  -- Leftovers go out before anything sent since, keeping the order send() saw.
+  table.move(self.unsent, 1, #self.unsent, #resend + 1, resend)
+  self.unsent = resend
+  self:_persist_all()
+end
+
+-- Rewrites the store from memory: after settling stanzas out of order (rare), which the
+-- store's append-only records cannot express.
+function SM:_persist_all()
+  self.dirty = false
+  if not self.store then return end
+  local items = {}
+  for _, raw, _, stamp in self.queue:each() do items[#items + 1] = { raw = raw, stamp = stamp } end
+  for _, item in ipairs(self.unsent) do items[#items + 1] = { raw = item.raw, stamp = item.stamp } end
+  self.store:replace({ session = self.session, inbound = self.inbound, acked = self.queue:acked(),
+                       items = items })
+end
+
+--- After a new session is bound: enables Stream Management (resumable unless turned off).
+function SM:enable(neg, features, bound_jid)
+  if not features:get_child("sm", ns.sm) then
+    self.client.events:fire("error", xmperror.new("sm", "feature-not-implemented",
+      "the server does not offer stream management: stanzas cannot be acknowledged"))
+    return false
+  end
+  self.queue:set_counter(0)
+  neg:send(stanza.stanza("enable", { xmlns = ns.sm, resume = self.opts.resume and "true" or nil }))
+  local reply = neg:next("the reply to <enable/>")
+  if reply.attr.xmlns ~= ns.sm or reply.name ~= "enabled" then
+    self.client.events:fire("error", xmperror.new("sm", "enable-failed", "the server refused <enable/>"))
+    return false
+  end
+  self.enabled = true
+  self.inbound = 0
+  local resumable = reply.attr.resume == "true" or reply.attr.resume == "1"
+  if resumable and reply.attr.id then
+    self.session = { id = reply.attr.id, location = reply.attr.location,
+                     max = tonumber(reply.attr.max), jid = bound_jid, enabled_at = os.time() }
+  else
+    self.session = nil
+  end
+  if self.store then self.store:enabled(self.session) end
+  self.client.events:fire("smEnabled", { id = reply.attr.id, resume = resumable,
+                                         max = tonumber(reply.attr.max), location = reply.attr.location })
+  return true
+end
+
+--- Once online (new or resumed session): settles what `<resumed h>` acknowledged, re-sends the
+-- rest with `<delay/>` on messages, then what waited while offline.
+function SM:online()
+  local resumed = self.resumed_pending
+  self.resumed_pending = nil
+  if resumed then
+    self:_handle_h(resumed.attr.h, "<resumed/>")
+    local pending = {}
+    for _, raw, obj, stamp in self.queue:each() do pending[#pending + 1] = { raw, obj, stamp } end
+    local conn = self.client.conn
+    for _, item in ipairs(pending) do
+      conn:send_raw(self:_with_delay(item[1], item[2], item[3]))
+    end
+    self.stats.resent = self.stats.resent + #pending
+    if #pending > 0 then self:_ack_policy() end
+  end
+  local unsent = self.unsent
+  self.unsent = {}
+  if self.enabled then
+    for _, item in ipairs(unsent) do self:_write(item.raw, item.st or stanza.parse(item.raw), item.stamp) end
+  else
+    for _, item in ipairs(unsent) do self:_send_unmanaged(item.raw, item.st) end
+  end
+  if self.dirty then self:_persist_all() end
+  if self.enabled then self:_start_idle_timer() end
+  if resumed then self.client.events:fire("resumed") end
+end
+
+-- A message re-sent after a cut says when it was first sent (XEP-0203).
+function SM:_with_delay(raw, obj, stamp)
+  local st = object_of(raw, obj)
+  if st.name ~= "message" or st:get_child("delay", ns.delay) then return raw end
+  local copy = stanza.clone(st)
+  copy:tag("delay", { xmlns = ns.delay, from = self.client.bare_jid, stamp = stamp_string(stamp) }):up()
+  return core.serialize(copy) or raw
+end
+
+function SM:_start_idle_timer()
+  if self.idle_timer then self.idle_timer:cancel() end
+  self.idle_timer = loop.every(self.opts.ack_interval, function()
+    if self.enabled and self.client.state == "online" then self:request_ack() end
+  end)
+end
+
+--- The connection ended: stop timers; keep everything for resumption.
+function SM:disconnected()
+  self.enabled = false
+  self.r_outstanding = false
+  if self.ack_timer then self.ack_timer:cancel() self.ack_timer = nil end
+  if self.idle_timer then self.idle_timer:cancel() self.idle_timer = nil end
+  if self.burst_timer then self.burst_timer:cancel() self.burst_timer = nil end
+end
+
+--- Whether pending IQ requests survive a lost connection (they do while the session can be
+-- resumed: their replies will come after resumption).
+function SM:keeps_requests()
+  return self.session ~= nil
+end
+
+--- Before a graceful close: tell the server what we handled (XEP-0198 §4).
+function SM:before_close(conn)
+  if self.enabled then
+    conn:send_raw(string.format("<a xmlns='%s' h='%d'/>", ns.sm, self.inbound))
+  end
+end
+
+--- The client stopped for good: whatever is still waiting fails, the session is over.
+function SM:client_stopped(err)
+  self:disconnected()
+  local reason = err or xmperror.new("sm", "closed", "the client was closed before the server acknowledged it")
+  local items, n = self.queue:clear()
+  for i = 1, n do self:_failed(items[3 * i - 2], items[3 * i - 1], reason) end
+  local unsent = self.unsent
+  self.unsent = {}
+  for _, item in ipairs(unsent) do self:_failed(item.raw, item.st, reason) end
+  self.session = nil
+  self:_persist_all()
+end
+
+--- A snapshot for `client:sm_state()`.
+function SM:state()
+  local oldest = self.queue:oldest_stamp()
+  local first_unsent = self.unsent[1]
+  if first_unsent and (not oldest or first_unsent.stamp < oldest) then oldest = first_unsent.stamp end
+  local unsent_bytes = 0
+  for _, item in ipairs(self.unsent) do unsent_bytes = unsent_bytes + #item.raw end
+  return {
+    enabled = self.enabled,
+    resumable = self.session ~= nil,
+    id = self.session and self.session.id,
+    inbound = self.inbound,
+    outbound = self.queue:pushed(),
+    acked = self.queue:acked(),
+    unacked = self.queue:count() + #self.unsent,
+    unacked_bytes = self.queue:bytes() + unsent_bytes,
+    oldest_age = oldest and (socket.gettime() - oldest) or nil,
+    resumes = self.stats.resumes,
+    resume_failures = self.stats.resume_failures,
+    resent = self.stats.resent,
+    acked_total = self.stats.acked,
+    failed_total = self.stats.failed,
+    rtt_last = self.stats.rtt_last,
+    rtt_avg = self.stats.rtt_count > 0 and self.stats.rtt_sum / self.stats.rtt_count or nil,
+  }
+end
+
+return sm
