@@ -440,7 +440,8 @@ end
 --- The client stopped for good: whatever is still waiting fails, the session is over.
 function SM:client_stopped(err)
   self:disconnected()
-  local reason = err or xmperror.new("sm", "closed", "the client was closed before the server acknowledged it")
+  local reason = err or xmperror.new("sm", "closed",
+                                     "the client was closed before the server acknowledged it")
   local items, n = self.queue:clear()
   for i = 1, n do self:_failed(items[3 * i - 2], items[3 * i - 1], reason) end
   local unsent = self.unsent
