@@ -665,6 +665,36 @@ describe("queue snapshot", function()
     end
   end)
 
+  it("never accepts a checksummed but malformed snapshot it cannot reproduce", function()
+    -- random headers and item fields under a valid checksum reach the structural checks;
+    -- whatever is accepted must be exactly what the queue would write back
+    math.randomseed(7)
+    local accepted, refused = 0, 0
+    for _ = 1, 3000 do
+      local acked = math.random(0, 3) == 0 and math.random(0, MAX) or math.random(0, 4)
+      local pushed = math.random(0, 3) == 0 and math.random(0, MAX) or math.random(0, 8)
+      local count = math.random(0, 4)
+      local parts = { "XSMQ\1", string.pack(">I4I4I4", acked, pushed, count) }
+      for _ = 1, math.random(0, 5) do
+        local size = math.random(0, 6)
+        local declared = math.random(0, 4) == 0 and math.random(0, 10) or size
+        parts[#parts + 1] = string.pack(">d>I8", math.random(), declared)
+        parts[#parts + 1] = string.rep("r", size)
+      end
+      local s = sign(table.concat(parts))
+      local r, err = core.queue_restore(s)
+      if r then
+        accepted = accepted + 1
+        assert.equal(s, r:snapshot())
+        assert.is_true(r:count() <= core.h_diff(r:pushed(), r:acked()))
+      else
+        refused = refused + 1
+        assert.matches("inconsistent", err)
+      end
+    end
+    assert.is_true(accepted > 100 and refused > 100, accepted .. "/" .. refused)
+  end)
+
   it("raises on misuse", function()
     assert.has_error(function() core.queue_restore(nil) end)
     assert.has_error(function() core.queue_restore(25) end)
