@@ -1,4 +1,459 @@
---- Stanza builder (placeholder until implemented; see docs/core.md).
+--- Building and reading stanzas, in the shape of Prosody's `util.stanza`.
+--
+-- An element is a plain table (docs/core.md, "Element tables"):
+--
+--    { name = "message", attr = { to = "a@b", type = "chat" },
+--      tags = { <child elements, in order> },
+--      [1] = <child element or text string>, [2] = ..., }
+--
+-- Built and parsed elements have the same shape; the parser gives its elements
+-- `stanza.metatable` (its `stanza_mt` option), so every method here works on them, `:tag()` too.
+--
+-- **Builder position.** `:tag()` moves into the new child, `:up()` back out, `:reset()` to the
+-- top. That position is kept outside the element (in a table with weak keys, keyed by the
+-- element it was built from), so an element never holds anything but `name`, `attr`, `tags` and
+-- its children: the serializer and the parser see nothing else, and `clone` does not copy it.
+--
+-- **Namespaces.** `attr.xmlns` is set only where an element's namespace differs from its
+-- parent's; `nil` means "the same as the parent". Methods that select children by namespace
+-- (`get_child`, `get_child_text`, `childtags`) compare the child's namespace *relative to its
+-- parent*: a child with `attr.xmlns == nil` is taken to be in `self.attr.xmlns`. So with
+-- `xmlns == nil` they select children in the parent's own namespace (those with no `xmlns`, or
+-- one equal to the parent's `attr.xmlns`); with a string they select children whose `xmlns` is
+-- that string, or who inherit it because the parent's `attr.xmlns` is that string. A top-level
+-- stanza usually has no `attr.xmlns` (its namespace is the stream's, e.g. `jabber:client`), so
+-- `msg:get_child("body")` finds the body, and `msg:get_child("body", "jabber:client")` finds
+-- only a body that spells `xmlns` out.
 -- @module xmppsm.stanza
+local core = require "xmppsm.core"
+
+local type, error, setmetatable, getmetatable, tostring, pairs, ipairs =
+  type, error, setmetatable, getmetatable, tostring, pairs, ipairs
+local rawget, rawlen = rawget, rawlen
+local concat = table.concat
+local serialize = core.serialize
+
+local xmlns_stanzas = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
 local stanza = {}
+
+--- Methods of every stanza (the metatable's `__index`).
+local methods = {}
+local stanza_mt = { __name = "xmppsm.stanza", __index = methods }
+
+-- Builder positions: element -> stack of open descendants, innermost last. Weak keys so a
+-- stanza that is dropped mid-build does not leak; an entry goes away when `up()` reaches the top.
+local cursors = setmetatable({}, { __mode = "k" })
+
+local function is_element(x)
+  return type(x) == "table" and type(rawget(x, "name")) == "string"
+end
+
+local function new_element(name, attr, level)
+  if type(name) ~= "string" then
+    error("element name must be a string, got " .. type(name), level + 1)
+  end
+  if attr ~= nil and type(attr) ~= "table" then
+    error("attributes must be a table, got " .. type(attr), level + 1)
+  end
+  return setmetatable({ name = name, attr = attr or {}, tags = {} }, stanza_mt)
+end
+
+-- The element's list of element children. Elements that follow docs/core.md have it; a bare
+-- { name, attr, [i] } table given the metatable by hand gets it built on first use.
+local function tags_of(el)
+  local tags = rawget(el, "tags")
+  if tags == nil then
+    tags = {}
+    for i = 1, rawlen(el) do
+      local c = el[i]
+      if type(c) == "table" then tags[#tags + 1] = c end
+    end
+    el.tags = tags
+  end
+  return tags
+end
+
+local function current(self)
+  local c = cursors[self]
+  return c and c[#c] or self
+end
+
+-- Appends a child to el itself (not at the builder position). Adjacent text is merged so built
+-- elements keep the parser's invariant "adjacent text is one string".
+local function append(el, child, level)
+  local n = rawlen(el)
+  if type(child) == "string" then
+    if child == "" then return end
+    local last = el[n]
+    if type(last) == "string" then
+      el[n] = last .. child
+    else
+      el[n + 1] = child
+    end
+  elseif is_element(child) then
+    local tags = tags_of(el)
+    tags[#tags + 1] = child
+    el[n + 1] = child
+  else
+    error("a child must be a string or an element table, got " .. type(child), level + 1)
+  end
+end
+
+-- Namespace of child relative to parent: nil stands for "the parent's", see the module doc.
+local function matches(parent, child, name, xmlns)
+  if name ~= nil and child.name ~= name then return false end
+  local pns = parent.attr.xmlns
+  return (child.attr.xmlns or pns) == (xmlns or pns)
+end
+
+--- Creates an element.
+-- @tparam string name the element name
+-- @tparam[opt] table attr its attributes (used as is, not copied)
+-- @return the new stanza
+function stanza.stanza(name, attr)
+  return new_element(name, attr, 2)
+end
+
+--- Whether `x` is a stanza (has `stanza.metatable`).
+-- @param x any value
+-- @treturn boolean
+function stanza.is_stanza(x)
+  return getmetatable(x) == stanza_mt
+end
+
+--- The metatable of stanzas, for the parser's `stanza_mt` option.
+stanza.metatable = stanza_mt
+
+--- Adds a child element at the builder position and moves into it.
+-- @tparam string name
+-- @tparam[opt] table attr
+-- @return self, for chaining
+function methods:tag(name, attr)
+  local child = new_element(name, attr, 2)
+  append(current(self), child, 2)
+  local c = cursors[self]
+  if not c then
+    c = {}
+    cursors[self] = c
+  end
+  c[#c + 1] = child
+  return self
+end
+
+--- Adds text at the builder position. `nil` and `""` add nothing.
+-- @tparam string s
+-- @return self
+function methods:text(s)
+  if s ~= nil then
+    if type(s) ~= "string" then error("text must be a string, got " .. type(s), 2) end
+    append(current(self), s, 2)
+  end
+  return self
+end
+
+--- Moves the builder position to the parent (no effect at the top).
+-- @return self
+function methods:up()
+  local c = cursors[self]
+  if c then
+    c[#c] = nil
+    if #c == 0 then cursors[self] = nil end
+  end
+  return self
+end
+
+--- Moves the builder position back to the top element.
+-- @return self
+function methods:reset()
+  cursors[self] = nil
+  return self
+end
+
+--- Whether the builder position is the top element.
+-- @treturn boolean
+function methods:at_top()
+  return cursors[self] == nil
+end
+
+--- `self:tag(name, attr):text(text):up()`.
+-- @tparam string name
+-- @tparam string text
+-- @tparam[opt] table attr
+-- @return self
+function methods:text_tag(name, text, attr)
+  return self:tag(name, attr):text(text):up()
+end
+
+--- `self:tag("query", { xmlns = xmlns })`.
+-- @tparam string xmlns
+-- @return self (positioned inside the query)
+function methods:query(xmlns)
+  return self:tag("query", { xmlns = xmlns })
+end
+
+--- `self:text_tag("body", text, attr)`.
+-- @tparam string text
+-- @tparam[opt] table attr
+-- @return self
+function methods:body(text, attr)
+  return self:text_tag("body", text, attr)
+end
+
+--- Adds a child (element or string) at the builder position, without moving into it.
+-- @param child an element table or a string
+-- @return self
+function methods:add_child(child)
+  append(current(self), child, 2)
+  return self
+end
+
+--- Adds a child (element or string) to this element itself, ignoring the builder position.
+-- @param child an element table or a string
+-- @return self
+function methods:add_direct_child(child)
+  append(self, child, 2)
+  return self
+end
+
+--- The first child element with this name and namespace.
+-- @tparam[opt] string name nil for any name
+-- @tparam[opt] string xmlns nil for this element's own namespace (see the module doc)
+-- @return the child, or nil
+function methods:get_child(name, xmlns)
+  for _, child in ipairs(tags_of(self)) do
+    if matches(self, child, name, xmlns) then return child end
+  end
+  return nil
+end
+
+--- The text of an element: its text children joined, or nil if it has element children.
+-- @treturn string|nil
+function methods:get_text()
+  if #tags_of(self) > 0 then return nil end
+  return concat(self)
+end
+
+--- `get_child(name, xmlns)`'s text (see `get_text`), or nil if there is no such child.
+-- @tparam[opt] string name
+-- @tparam[opt] string xmlns
+-- @treturn string|nil
+function methods:get_child_text(name, xmlns)
+  local child = self:get_child(name, xmlns)
+  if child then return child:get_text() end
+  return nil
+end
+
+--- Iterates the child elements with this name and namespace (same matching as `get_child`).
+-- @tparam[opt] string name
+-- @tparam[opt] string xmlns
+-- @return an iterator
+function methods:childtags(name, xmlns)
+  local tags, i = tags_of(self), 0
+  return function()
+    while true do
+      i = i + 1
+      local child = tags[i]
+      if child == nil then return nil end
+      if matches(self, child, name, xmlns) then return child end
+    end
+  end
+end
+
+--- Iterates all children, text strings and elements, in order.
+-- @return an iterator
+function methods:children()
+  local i = 0
+  return function()
+    i = i + 1
+    return self[i]
+  end
+end
+
+--- Replaces each child element by `callback(child)`; a nil result removes the child.
+-- Text children stay; text that becomes adjacent is merged.
+-- @tparam function callback receives an element, returns an element or nil
+-- @return self
+function methods:maptags(callback)
+  local n = rawlen(self)
+  local out, tags, j = {}, {}, 0
+  for i = 1, n do
+    local c = self[i]
+    if type(c) == "table" then
+      c = callback(c)
+      if c ~= nil and not is_element(c) then
+        error("maptags: the callback must return an element table or nil, got " .. type(c), 2)
+      end
+      if c ~= nil then tags[#tags + 1] = c end
+    end
+    if c ~= nil then
+      if type(c) == "string" and type(out[j]) == "string" then
+        out[j] = out[j] .. c
+      else
+        j = j + 1
+        out[j] = c
+      end
+    end
+  end
+  for i = 1, j do self[i] = out[i] end
+  for i = j + 1, n do self[i] = nil end
+  self.tags = tags
+  return self
+end
+
+--- Reads an RFC 6120 stanza error (`<error>` in the stanza's namespace).
+-- @return type (e.g. "cancel"), condition (e.g. "item-not-found"; "undefined-condition" when
+-- missing), text (or nil), and the first application-specific child element (or nil); all nil
+-- when there is no `<error>` child.
+function methods:get_error()
+  local err = self:get_child("error")
+  if not err then return nil end
+  local condition, text, extra
+  for _, child in ipairs(tags_of(err)) do
+    if (child.attr.xmlns or err.attr.xmlns) == xmlns_stanzas then
+      if child.name == "text" then
+        text = text or child:get_text()
+      else
+        condition = condition or child.name
+      end
+    else
+      extra = extra or child
+    end
+  end
+  return err.attr.type, condition or "undefined-condition", text, extra
+end
+
+--- Serializes to XML (`core.serialize`).
+-- @tparam[opt="jabber:client"] string ns_in_scope the namespace around the element
+-- @treturn string|nil the XML, or nil
+-- @treturn string why not, when nil
+function methods:serialize(ns_in_scope)
+  return serialize(self, ns_in_scope)
+end
+
+--- The start tag alone (for logs), e.g. `<message to='a@b' type='chat'>`.
+-- @treturn string|nil
+-- @treturn string why not, when nil
+function methods:top_tag()
+  local s, err = serialize({ name = self.name, attr = self.attr })
+  if not s then return nil, err end
+  return s:sub(1, -3) .. ">"
+end
+
+--- `tostring(st)`: the XML. An element that cannot be serialized raises an error, since
+-- `tostring` cannot return `nil, err`; use `st:serialize()` to get the error instead.
+function stanza_mt:__tostring()
+  local s, err = serialize(self)
+  if not s then error("cannot serialize stanza: " .. err, 2) end
+  return s
+end
+
+local function clone(el, depth)
+  if depth > 256 then error("clone: elements nested deeper than 256 (a cycle?)", depth + 2) end
+  local attr = {}
+  for k, v in pairs(el.attr or {}) do attr[k] = v end
+  local tags = {}
+  local new = { name = el.name, attr = attr, tags = tags }
+  for i = 1, rawlen(el) do
+    local c = el[i]
+    if type(c) == "table" then
+      c = clone(c, depth + 1)
+      tags[#tags + 1] = c
+    end
+    new[i] = c
+  end
+  return setmetatable(new, stanza_mt)
+end
+
+--- A deep copy, with fresh `attr` and `tags` tables, at the top builder position.
+-- @param el a stanza or element table
+-- @return the copy (a stanza)
+function stanza.clone(el)
+  if not is_element(el) then error("clone: expected an element table, got " .. type(el), 2) end
+  return clone(el, 1)
+end
+
+--- A `<message>`, optionally with a `<body>`.
+-- @tparam[opt] table attr
+-- @tparam[opt] string body
+-- @return the stanza, at the top builder position
+function stanza.message(attr, body)
+  local st = new_element("message", attr, 2)
+  if body ~= nil then st:text_tag("body", body) end
+  return st
+end
+
+--- A `<presence>`.
+-- @tparam[opt] table attr
+-- @return the stanza
+function stanza.presence(attr)
+  return new_element("presence", attr, 2)
+end
+
+--- An `<iq>`; `attr.id` and `attr.type` are required (RFC 6120 §8.2.3).
+-- @tparam table attr
+-- @return the stanza
+function stanza.iq(attr)
+  if type(attr) ~= "table" then error("iq: attributes with id and type are required", 2) end
+  if type(attr.id) ~= "string" then error("iq: an id attribute (a string) is required", 2) end
+  if type(attr.type) ~= "string" then error("iq: a type attribute (a string) is required", 2) end
+  return new_element("iq", attr, 2)
+end
+
+local function reply(orig, level)
+  if not is_element(orig) then
+    error("reply: expected a stanza, got " .. type(orig), level + 1)
+  end
+  local a = orig.attr
+  local type_ = a.type
+  if orig.name == "iq" then type_ = "result" end
+  return new_element(orig.name, { to = a.from, from = a.to, id = a.id, type = type_, xmlns = a.xmlns },
+    level + 1)
+end
+
+--- A reply: same name and id, `to` and `from` swapped, type `result` for an iq (the original
+-- type otherwise). Namespace (`xmlns`) is kept; children are not copied.
+-- @param orig the stanza replied to
+-- @return the reply
+function stanza.reply(orig)
+  return reply(orig, 2)
+end
+
+local error_types = { auth = true, cancel = true, continue = true, modify = true, wait = true }
+local error_conditions = {}
+for c in ([[bad-request conflict feature-not-implemented forbidden gone internal-server-error
+  item-not-found jid-malformed not-acceptable not-allowed not-authorized policy-violation
+  recipient-unavailable redirect registration-required remote-server-not-found
+  remote-server-timeout resource-constraint service-unavailable subscription-required
+  undefined-condition unexpected-request]]):gmatch("%S+") do
+  error_conditions[c] = true
+end
+
+--- An RFC 6120 stanza error reply (§8.3):
+-- `<error type=...><condition xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><text ...>`.
+-- The result is positioned inside `<error>`, so an application-specific condition can follow
+-- with `:tag(...)`; call `:reset()` before adding anything at the top.
+-- @param orig the stanza replied to; must not itself be of type "error" (§8.3.1)
+-- @tparam string type `auth`, `cancel`, `continue`, `modify` or `wait`
+-- @tparam string condition a defined condition, e.g. `item-not-found`
+-- @tparam[opt] string text a human-readable description
+-- @return the error reply
+function stanza.error_reply(orig, type_, condition, text)
+  local r = reply(orig, 2)
+  if orig.attr.type == "error" then
+    error("error_reply: a stanza of type error must not be answered with an error", 2)
+  end
+  if not error_types[type_] then error("error_reply: unknown error type " .. tostring(type_), 2) end
+  if not error_conditions[condition] then
+    error("error_reply: unknown error condition " .. tostring(condition), 2)
+  end
+  if text ~= nil and type(text) ~= "string" then
+    error("error_reply: text must be a string, got " .. type(text), 2)
+  end
+  r.attr.type = "error"
+  r:tag("error", { type = type_ }):tag(condition, { xmlns = xmlns_stanzas }):up()
+  if text then r:tag("text", { xmlns = xmlns_stanzas }):text(text):up() end
+  return r
+end
+
 return stanza
