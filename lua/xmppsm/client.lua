@@ -66,8 +66,6 @@ function client.new(opts)
     state = "disconnected",
     outbox = {},           -- stanzas sent while offline, without Stream Management
     attempt = 0,           -- failed connection attempts since the last session
-    id_counter = 0,
-    id_prefix = core.base64_encode(core.random(6)):gsub("[+/=]", "x"),
     stats = { connects = 0, reconnects = 0 },
   }, Client)
   self.events = events.new(function(name, err) self:_handler_error(name, err) end)
@@ -154,9 +152,8 @@ function Client:_set_status(new)
   self.events:fire("status", new, old)
 end
 
-function Client:_new_id()
-  self.id_counter = self.id_counter + 1
-  return self.id_prefix .. self.id_counter
+function Client:_new_id() -- luacheck: no unused args
+  return stanza.new_id()
 end
 
 -- TLS parameters for this account: the certificate must be valid for the JID's domain, never
