@@ -22,13 +22,17 @@
 --
 -- **Durability** (`opts.durability` of `store.file`), what a mutation guarantees when it returns:
 --
--- * `"write"` (default): the record has been written to the operating system; it survives the
---   process being killed (SIGKILL, a crash), not a power loss or a kernel crash.
+-- * `"write"` (default): the record has been written to the operating system (one `write`
+--   call); it survives the process being killed (SIGKILL, a crash), not a power loss or a
+--   kernel crash. About 2 us per `queued()` of a 90-byte stanza.
 -- * `"fsync"`: the record is on the disk (`fsync`); it survives a power loss. Costs a disk flush
---   per mutation (typically 0.1 to 10 ms, depending on the disk).
+--   per mutation: 0.15 to 0.2 ms on the SSD-backed machine where it was measured, 10 ms or more
+--   on a spinning disk.
 -- * `"none"`: records are buffered (64 KiB) and written when the buffer fills, on compaction and
---   on `close()`. Fastest; a crash loses the unwritten tail (whole records only: what remains
---   loads without a warning).
+--   on `close()`. About 1.4 us per `queued()`; a crash loses the unwritten tail (what remains
+--   loads without a warning: a record cut in two is dropped).
+--
+-- Loading costs about 1 us per item. (Measured with 100,000 items, Lua 5.4, x86-64.)
 --
 -- Compaction writes and fsyncs the new file before the rename in modes `"write"` and `"fsync"`,
 -- so even a power loss in `"write"` mode never leaves an empty store behind: it loses at most
@@ -643,7 +647,6 @@ function FileStore:load()
     -- born complete through the rename.
     local ok, rerr = self:_rewrite()
     if not ok then return nil, rerr end
-    if self.durability == "fsync" then fsync_dir(self.dir) end
   end
   self.loaded = true
   return state_copy(self), warning
@@ -661,6 +664,9 @@ end
 -- @return true, or nil and an error message when buffered records could not be written
 function FileStore:close()
   if self.closed then return true end
+  -- After a failed write, stdio may still hold the failed record's bytes and would write them
+  -- on close: a rewrite first sends them to the old, unlinked file instead.
+  if self.broken and self.loaded then self:_rewrite() end
   self.closed = true
   local ok, err = true, nil
   local j = self.journal
@@ -796,8 +802,9 @@ end
 
 --- A store kept by the application's own functions (a database, a key store...). Every
 -- mutation calls `save` with a full snapshot of the state: O(state) per call, where the file
--- store appends O(1) bytes. With 1,000 queued stanzas of 200 bytes that is ~212 KiB written per
--- `queued()`, `acked()` and `inbound()`: fine for a small queue, wrong for a large one.
+-- store appends O(1) bytes. With 1,000 queued stanzas of 200 bytes that is a 212 KB blob (and
+-- about 0.6 ms of encoding) per `queued()`, `acked()` and `inbound()`, where the file store
+-- takes about 2 us: fine for a small queue, wrong for a large one.
 -- @tparam table fns `load`: `function() -> blob|nil` (nil: nothing saved yet; it may also
 -- return `nil, err` or raise to report a failure); `save`: `function(blob)`, returning nothing
 -- or true on success, `false`/`nil, err` or raising on failure; it should replace the saved

@@ -112,6 +112,8 @@ describe("core file functions", function()
     assert.equal(0, core.crc32("abc", 3, 2))
     assert.equal(0, core.crc32("abc", 10))
     assert.equal(core.crc32("abc"), core.crc32("abc", 0, 100))
+    assert.equal(core.crc32("abc"), core.crc32("abc", math.mininteger, math.maxinteger))
+    assert.equal(0, core.crc32("abc", math.maxinteger, math.mininteger))
     assert.not_equal(core.crc32("123456789"), core.crc32("123456788"))
   end)
 
