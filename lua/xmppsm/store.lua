@@ -39,16 +39,19 @@
 -- the records appended since the last compaction.
 --
 -- **Damage.** A record cut short at the end of the journal (a crash or a power loss during an
--- append) is dropped silently: the call that wrote it never returned. Any other damage (a
--- checksum mismatch before the last record, a bad magic, an unknown version) makes `load()`
--- return an empty state and a warning, and moves the damaged file aside to `path.corrupt`.
+-- append) is dropped silently: the call that wrote it never returned. So is a tail of zero
+-- bytes, and a complete last record whose payload checksum fails (what a power loss leaves
+-- when the file's new length reached the disk before its data): such a record cannot be told
+-- from a last record damaged later. Any other damage (a checksum mismatch before the last
+-- record, a bad magic, an unknown version) makes `load()` return an empty state and a warning,
+-- and moves the damaged file aside to `path.corrupt`. (In `"write"` and `"none"` modes a power
+-- loss can damage more than the last record; it is then reported as damage.)
 --
 -- **Errors.** Misuse (a wrong argument, a closed store, a mutation before `load()`) raises an
 -- error. A failure of the disk or of a custom `save` returns `nil, err` and leaves the state
 -- as it was before the call.
 --
--- One store object per account and process; a store is not shared between threads or
--- coroutines in the middle of a call.
+-- One store object per account: the lock refuses a second one, in this process or another.
 -- @module xmppsm.store
 local core = require "xmppsm.core"
 
@@ -81,7 +84,7 @@ local ENOENT = 2                     -- the same on Linux, the BSDs and macOS
 
 local DURABILITY = { fsync = true, write = true, none = true }
 
----------------------------------------------------------------------------------------------
+-- ===========================================================================================
 -- Validation of what callers hand in
 
 local SESSION_FIELDS = {
@@ -112,7 +115,7 @@ local function check_session(s, fname)
 end
 
 local function check_h(h, fname, what)
-  local n = tointeger(h)
+  local n = type(h) == "number" and tointeger(h)
   if not n or n < 0 or n > MAX_H then fail(fname, what .. " must be an integer in 0..4294967295") end
   return n
 end
@@ -121,7 +124,7 @@ local function copy_session(s)
   return s and { id = s.id, jid = s.jid, enabled_at = s.enabled_at, location = s.location, max = s.max }
 end
 
----------------------------------------------------------------------------------------------
+-- ===========================================================================================
 -- Encoding
 
 -- Numbers keep their subtype (integer or float) across a save and a load.
@@ -169,7 +172,7 @@ local function record_parts(rtype, payload)
   return head, spack("<I4", crc32(head)), payload, spack("<I4", crc32(payload))
 end
 
----------------------------------------------------------------------------------------------
+-- ===========================================================================================
 -- The state held in memory: a mirror of what is on disk. Items live in two parallel arrays
 -- between `head` and `tail`, so acknowledging the oldest ones is O(released), not O(queue).
 
@@ -329,7 +332,7 @@ local function replay(self, data)
   return "ok"
 end
 
----------------------------------------------------------------------------------------------
+-- ===========================================================================================
 -- Mutations: apply to the mirror, persist, then settle (on success) or roll back (on failure).
 
 local function savepoint(self)
@@ -383,6 +386,10 @@ local function state_copy(self)
   return { session = copy_session(self.session), inbound = self.inbound_h, acked = self.acked_h,
            items = items }
 end
+
+--- A store object, as `store.file` and `store.custom` return it. Mutations return `true`, or
+-- `nil, err` with nothing changed; misuse raises.
+-- @type Store
 
 --- The current state, as `load()` returns it: a copy the caller owns (O(items)).
 -- @treturn table state
@@ -460,7 +467,7 @@ end
 function Store:acked(h, released)
   check_usable(self, "acked")
   h = check_h(h, "acked", "h")
-  local n = tointeger(released)
+  local n = type(released) == "number" and tointeger(released)
   if not n or n < 0 or n > count(self) then
     error(string.format("xmppsm.store: acked: released must be an integer in 0..%d (the items stored)",
       count(self)), 2)
@@ -509,7 +516,7 @@ local function gc_close(self)
   pcall(self.close, self)
 end
 
----------------------------------------------------------------------------------------------
+-- ===========================================================================================
 -- The file backend
 
 local FileStore = setmetatable({}, { __index = Store })
@@ -599,7 +606,8 @@ function FileStore:_set_aside()
   return name
 end
 
---- Reads the state. The first call reads the file; later calls return the state in memory.
+--- Reads the state. The first call reads the file (or calls the custom `load`); later calls
+-- return the state in memory. Mutations raise an error until it has succeeded.
 -- When the file does not exist, or is empty, the state is empty (`session` nil, counters 0,
 -- no items). When the file is damaged, the state is empty too, and a second value is a
 -- warning naming the damage and where the damaged file was moved (`path.corrupt`, or
@@ -608,6 +616,7 @@ end
 -- @treturn table state (a copy the caller owns)
 -- @treturn[opt] string warning
 -- @return or nil and an error message when the file cannot be read or rewritten
+-- @function Store:load
 function FileStore:load()
   if self.closed then error("xmppsm.store: load: the store is closed", 2) end
   if self.loaded then return state_copy(self) end
@@ -653,7 +662,9 @@ function FileStore:load()
 end
 
 --- Rewrites the journal as one snapshot now (it also happens by itself as the journal grows).
+-- A custom store has nothing to compact: it returns true.
 -- @return true, or nil and an error message
+-- @function Store:compact
 function FileStore:compact()
   check_usable(self, "compact")
   return self:_rewrite()
@@ -661,7 +672,9 @@ end
 
 --- Flushes what is buffered (durability "none"), closes the journal and releases the lock.
 -- Idempotent; also run by `__gc` and `__close`. The store cannot be used afterwards.
+-- A custom store only forgets its state.
 -- @return true, or nil and an error message when buffered records could not be written
+-- @function Store:close
 function FileStore:close()
   if self.closed then return true end
   -- After a failed write, stdio may still hold the failed record's bytes and would write them
@@ -681,6 +694,9 @@ function FileStore:close()
   if not ok then return nil, err end
   return true
 end
+
+--- Opening a store.
+-- @section open
 
 --- Opens the store kept in a file, creating its directory (mode 0700) and file (mode 0600)
 -- when missing, and locks it for this store object: a second open of the same path, from
@@ -736,7 +752,7 @@ function store.file(path, opts)
   return self
 end
 
----------------------------------------------------------------------------------------------
+-- ===========================================================================================
 -- The custom backend
 
 local CustomStore = setmetatable({}, { __index = Store })
@@ -758,12 +774,9 @@ end
 CustomStore._append = save_snapshot
 CustomStore._rewrite = save_snapshot
 
---- Reads the state from the custom `load` function. As `FileStore:load`, except that a
--- damaged blob is handed to the optional `corrupt` function instead of a file being moved,
--- and a blob cut short is damage too (`save` is given whole blobs).
--- @treturn table state
--- @treturn[opt] string warning
--- @return or nil and an error message when `load` fails
+-- Reads the state from the custom `load` function. As `Store:load`, except that a damaged blob
+-- is handed to the optional `corrupt` function instead of a file being moved, and a blob cut
+-- short is damage too (`save` is given whole blobs).
 function CustomStore:load()
   if self.closed then error("xmppsm.store: load: the store is closed", 2) end
   if self.loaded then return state_copy(self) end
@@ -826,7 +839,7 @@ function store.custom(fns)
   return self
 end
 
----------------------------------------------------------------------------------------------
+-- ===========================================================================================
 -- Default location
 
 -- Bare JIDs compare without case (PRECIS maps localpart and domain to lower case), so one
