@@ -30,7 +30,7 @@ build = {
       ["xmppsm.core"] = {
          sources = {
             "csrc/core.c", "csrc/parser.c", "csrc/serialize.c", "csrc/queue.c",
-            "csrc/crypto.c", "csrc/clock.c",
+            "csrc/crypto.c", "csrc/clock.c", "csrc/file.c",
          },
          libraries = { "expat", "crypto" },
          incdirs = { "csrc", "$(EXPAT_INCDIR)", "$(OPENSSL_INCDIR)" },
@@ -39,6 +39,7 @@ build = {
       ["xmppsm"] = "lua/xmppsm/init.lua",
       ["xmppsm.stanza"] = "lua/xmppsm/stanza.lua",
       ["xmppsm.scram"] = "lua/xmppsm/scram.lua",
+      ["xmppsm.store"] = "lua/xmppsm/store.lua",
    },
 }
 test = {
