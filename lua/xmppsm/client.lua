@@ -198,6 +198,7 @@ function Client:_attempt()
       local err = xmperror.is(features) and features
         or xmperror.new("connection", "internal-server-error", tostring(features))
       self.redact_in = false
+      self.conn = nil   -- so the end of this connection is not taken for a lost session
       conn:abort(err.text)
       return self:_attempt_failed(err)
     end

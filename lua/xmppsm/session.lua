@@ -73,7 +73,7 @@ end
 -- that followed <proceed/> in the clear are refused (they would be injected into the TLS stream).
 function Negotiation:open_stream(after_proceed)
   local conn, client = self.conn, self.client
-  local header_seen = conn.header ~= nil
+  local header_seen = false
   conn.on_header = function() header_seen = true if self.waiter then self.waiter() end end
   local from = conn.secure and client.bare_jid or nil
   local extra = conn:open_stream(client.domain, from)
