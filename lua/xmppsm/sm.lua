@@ -280,7 +280,13 @@ end
 function SM:try_resume(neg, features)
   self.enabled = false
   self.r_outstanding = false
-  if not self.session or not features:get_child("sm", ns.sm) then return false end
+  if not self.session or not features:get_child("sm", ns.sm) then
+    -- Stanzas written on a stream that cannot be resumed: settle them by the policy.
+    if self.queue:count() > 0 or self.session then
+      self:_session_lost(xmperror.new("sm", "not-resumable", "the previous session cannot be resumed"))
+    end
+    return false
+  end
   neg:send(stanza.stanza("resume", { xmlns = ns.sm, previd = self.session.id,
                                      h = tostring(self.inbound) }))
   local reply = neg:next("the resumption reply")
