@@ -302,9 +302,11 @@ function Client:_stop(err)
   self.events:fire("offline", err)
 end
 
---- Ends the session gracefully: sends the stream end and waits (up to `timeout` seconds,
--- default 5) for the server's, then stops without reconnecting. The `offline` event follows.
+--- Ends the session gracefully: with Stream Management, asks for a last ack first; sends the
+-- stream end and waits for the server's (each wait up to `timeout` seconds, default 5), then
+-- stops without reconnecting. The `offline` event follows.
 function Client:close(timeout)
+  timeout = timeout or 5
   self.closing = true
   if self.reconnect_timer then
     self.reconnect_timer:cancel()
@@ -313,8 +315,11 @@ function Client:close(timeout)
   local conn = self.conn
   if conn and not self.neg then
     self:_set_status("closing")
-    if self.sm then self.sm:before_close(conn) end
-    conn:close(timeout)
+    if self.sm then
+      self.sm:before_close(conn, timeout, function() conn:close(timeout) end)
+    else
+      conn:close(timeout)
+    end
   elseif conn then
     conn:abort("closed by the user")
   elseif self.state ~= "closed" then
