@@ -36,7 +36,7 @@ DEB_PACKAGES = lua5.4 liblua5.4-dev lua-socket lua-sec lua-expat libexpat1-dev l
                lua-busted luarocks lua-check lua-ldoc prosody openssl gcc make clang \
                libclang-rt-dev valgrind
 
-.PHONY: all deps test test-unit test-asan valgrind lint rock-check fuzz bench doc install clean
+.PHONY: all deps demo test test-unit test-asan valgrind lint rock-check fuzz bench doc install clean
 
 all: deps xmppsm/core.so
 
@@ -53,6 +53,11 @@ deps:
 	  $$sudo apt-get update -qq && \
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# A bot sends 300 messages through a fault proxy that cuts the link 4 times, against a
+# throwaway Prosody on 127.0.0.1; exits non-zero if a message was lost. Stops all it started.
+demo: all
+	@$(LUA) examples/demo.lua
 
 xmppsm/core.so: $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p xmppsm
