@@ -4,16 +4,16 @@
 -- acknowledged. Each run sends COUNT messages (default 20, ten a second) and exits once the
 -- server has acknowledged all of them.
 --
---   XMPP_JID=bot@example.org XMPP_PASSWORD=secret XMPP_TO=ops@example.org \
---     lua5.4 examples/resume_after_restart.lua /path/to/bot.sm [COUNT]
--- (the store path can also come from XMPP_STORE). Kill it while it sends, run it again, watch.
+--   XMPP_STORE=/path/to/bot.sm XMPP_JID=bot@example.org XMPP_PASSWORD=secret \
+--     XMPP_TO=ops@example.org lua5.4 examples/resume_after_restart.lua [COUNT]
+-- Optional: XMPP_HOST, XMPP_PORT, XMPP_CAFILE. Kill it while it sends, run it again, watch.
 -- With a throwaway server, killed after 2 s and started again by the runner:
 --   lua5.4 examples/with_server.lua --kill-after 2 examples/resume_after_restart.lua
 local xmppsm = require "xmppsm"
 
-local store = arg[1] or os.getenv("XMPP_STORE")
-  or error("usage: lua5.4 examples/resume_after_restart.lua STORE_FILE [COUNT] (or set XMPP_STORE)", 0)
-local count = math.tointeger(tonumber(arg[2] or 20)) or error("COUNT must be a whole number")
+local store = os.getenv("XMPP_STORE")
+  or error("set XMPP_STORE to the file that keeps the session (e.g. /tmp/bot.sm)", 0)
+local count = math.tointeger(tonumber(arg[1] or 20)) or error("COUNT must be a whole number")
 local to = os.getenv("XMPP_TO") or assert(os.getenv("XMPP_JID"), "set XMPP_JID")
 -- Tells this run's messages from those an earlier run left behind.
 local run = ("%04x"):format(math.random(0, 0xffff))

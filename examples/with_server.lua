@@ -110,8 +110,6 @@ harness.main(function()
     -- LUA_PATH; ";;" keeps the default path after ours)
     LUA_PATH_5_4 = harness.path .. ";;", LUA_CPATH_5_4 = harness.cpath .. ";;",
   }
-  note("running %s as %s; XMPP_PORT is the proxy's, XMPP_TO=%s", o.script, child_env.XMPP_JID,
-       child_env.XMPP_TO)
 
   -- One run of the example. A small bash wrapper keeps what Lua cannot get otherwise: the
   -- example's own pid (to kill exactly it) and its exit status. stdbuf makes its output
@@ -128,6 +126,9 @@ harness.main(function()
     run.wrapper = process.spawn(argv, { env = child_env, stdout = run.out, stderr = run.out .. ".wrapper",
                                         name = "example" })
     run.started = core.monotime()
+    process.wait_until(function() return read_file(run.pidfile) end, 5)
+    note("running %s (pid %s) as %s; XMPP_PORT is the proxy's, XMPP_TO=%s", o.script,
+         (read_file(run.pidfile) or "?"):match("%d+") or "?", child_env.XMPP_JID, child_env.XMPP_TO)
     return run
   end
 
