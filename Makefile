@@ -33,7 +33,7 @@ SUMMARY = build/summary.txt
 FUZZ_SECONDS ?= 600
 
 DEB_PACKAGES = lua5.4 liblua5.4-dev lua-socket lua-sec lua-expat libexpat1-dev libssl-dev \
-               lua-busted luarocks lua-check lua-ldoc prosody openssl gcc make clang \
+               lua-busted luarocks lua-check lua-ldoc lua-discount prosody openssl gcc make clang \
                libclang-rt-dev valgrind
 
 .PHONY: all deps demo test test-unit test-asan valgrind lint rock-check fuzz bench doc install clean
@@ -119,8 +119,11 @@ bench: all
 	$(MAKE) --no-print-directory -C bench
 	$(LUA) bench/run.lua
 
+# The API reference from the source comments, into doc/ (lua-discount renders the Markdown;
+# without it LDoc falls back to plain text).
 doc: deps
 	ldoc -c config.ld .
+	@echo "API reference: doc/index.html"
 
 install: xmppsm/core.so
 	install -d $(DESTDIR)$(LUADIR)/xmppsm $(DESTDIR)$(LIBDIR)/xmppsm

@@ -248,3 +248,22 @@ describe("examples/with_server.lua", function()
     assert.is_false(running(bot_pid, "examples/echo_bot.lua"), "the echo bot still runs")
   end)
 end)
+
+describe("make doc", function()
+  it("builds the API reference from the source comments without an LDoc warning", function()
+    local dir = process.tmpdir("xmppsm-spec-doc")
+    -- ldoc prints progress on stdout and warnings (file:line: ...) on stderr
+    local ok, out = process.run(("ldoc -c config.ld -d %s . 2>%s/warnings >/dev/null")
+                                :format(process.quote(dir .. "/html"), process.quote(dir)))
+    assert.is_true(ok, out)
+    assert.equal("", process.read_file(dir .. "/warnings"))
+    assert.truthy(process.read_file(dir .. "/html/index.html"))
+    assert.truthy((process.read_file(dir .. "/html/topics/README.md.html") or ""):find("<table>", 1, true),
+                  "README's tables should be rendered (lua-discount)")
+    for path in io.popen("ls lua/xmppsm"):lines() do
+      local name = path:match("^(.-)%.lua$")
+      local page = name == "init" and "xmppsm" or "xmppsm." .. name
+      assert.truthy(process.read_file(dir .. "/html/modules/" .. page .. ".html"), "no page for " .. page)
+    end
+  end)
+end)

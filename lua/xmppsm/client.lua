@@ -122,7 +122,11 @@ function Client:removeEventHandler(name, fn)
   return self.events:remove(name, fn)
 end
 
+--- Short for `Client:addEventHandler`.
+-- @function Client:on
 Client.on = Client.addEventHandler
+--- Short for `Client:removeEventHandler`.
+-- @function Client:off
 Client.off = Client.removeEventHandler
 
 --- Registers `fn(iq)` for incoming get/set IQs whose payload is in namespace `xmlns`; `fn`
@@ -132,6 +136,7 @@ function Client:addIqHandler(xmlns, fn)
   return self
 end
 
+--- Removes the handler registered with `addIqHandler` for namespace `xmlns`.
 function Client:removeIqHandler(xmlns)
   self.iq:remove_handler(xmlns)
 end

@@ -463,7 +463,7 @@ end
 -- The result is positioned inside `<error>`, so an application-specific condition can follow
 -- with `:tag(...)`; call `:reset()` before adding anything at the top.
 -- @param orig the stanza replied to; must not itself be of type "error" (§8.3.1)
--- @tparam string type `auth`, `cancel`, `continue`, `modify` or `wait`
+-- @tparam string type_ `auth`, `cancel`, `continue`, `modify` or `wait`
 -- @tparam string condition a defined condition, e.g. `item-not-found`
 -- @tparam[opt] string text a human-readable description
 -- @return the error reply
