@@ -1,6 +1,7 @@
--- An echo bot: answers every chat message with the same text.
+-- An echo bot: answers every chat message with the same text; "quit" makes it close.
 --   XMPP_JID=bot@example.org XMPP_PASSWORD=secret lua5.4 examples/echo_bot.lua
--- Optional: XMPP_HOST, XMPP_PORT, XMPP_CAFILE (e.g. the demo server's CA).
+-- Optional: XMPP_HOST, XMPP_PORT, XMPP_CAFILE. With a throwaway server, where bob talks to it:
+--   lua5.4 examples/with_server.lua --say hello --say quit examples/echo_bot.lua
 local xmppsm = require "xmppsm"
 
 local client = xmppsm.client{

@@ -156,21 +156,41 @@ describe("examples/with_server.lua", function()
     return out, code
   end
 
-  it("runs the echo bot, which answers what bob says and quits on 'quit'", function()
-    local out, code = with_server({ "--say", "hello there", "--say", "quit", "examples/echo_bot.lua" })
+  -- README's one-line command for an example, as words (they hold no quotes or spaces).
+  local function readme_command(example)
+    local readme = assert(process.read_file("README.md"))
+    local section = assert(readme:match("\n## Examples\n(.-)\n## "), "README has no Examples section")
+    local block = assert(section:match("```sh\n(.-)```"), "no command block in README's Examples")
+    for line in block:gmatch("[^\n]+") do
+      if line:find("examples/" .. example .. ".lua", 1, true) then
+        local words = {}
+        for w in line:gmatch("%S+") do words[#words + 1] = w end
+        assert.same({ "lua5.4", "examples/with_server.lua" }, { words[1], words[2] }, line)
+        return table.move(words, 3, #words, 1, {})
+      end
+    end
+    error("README gives no command for " .. example)
+  end
+
+  it("runs the echo bot, which answers what bob says and quits on 'quit' (README's command)", function()
+    local args = readme_command("echo_bot")
+    assert.same({ "--say", "hello", "--say", "quit", "examples/echo_bot.lua" }, args)
+    local out, code = with_server(args)
     assert.equal(0, code, out)
     assert.truthy(out:find("\n%[alice%] online as alice@xmppsm%.test/"), out)
-    assert.truthy(out:find("\n%[alice%] bob@xmppsm%.test/[^:]+: hello there\n"), out)
-    assert.truthy(out:find("\n%[bob%] <%- alice@xmppsm%.test/[^:]+: hello there\n"), out)
+    assert.truthy(out:find("\n%[alice%] bob@xmppsm%.test/[^:]+: hello\n"), out)
+    assert.truthy(out:find("\n%[bob%] <%- alice@xmppsm%.test/[^:]+: hello\n"), out)
     assert.truthy(out:find("\n%[bob%] <%- alice@xmppsm%.test/[^:]+: quit\n"), out)
     assert.truthy(out:find("bob received 2 messages: 2 distinct, 0 duplicates", 1, true), out)
   end)
 
   it("runs the reliable sender through cuts: one outcome per message, re-sent after resuming", function()
-    local out, code = with_server({ "--cut-every", "2", "examples/reliable_sender.lua", "12" })
+    local args = readme_command("reliable_sender")
+    assert.same({ "--cut-every", "2", "examples/reliable_sender.lua" }, args)
+    local out, code = with_server(args)
     assert.equal(0, code, out)
-    for i = 1, 12 do
-      local body = ("message %d of 12"):format(i)
+    for i = 1, 20 do
+      local body = ("message %d of 20"):format(i)
       assert.equal(1, count(out, "\n%[alice%] acked:  " .. body .. "\n"), body .. ":\n" .. out)
       assert.equal(1, count(out, "\n%[bob%] <%- [^\n]*: " .. body .. "\n"), body .. ":\n" .. out)
     end
@@ -179,11 +199,13 @@ describe("examples/with_server.lua", function()
     assert.is_not_nil(resent, "no resumption:\n" .. out)
     assert.is_true(resent > 0, "nothing was re-sent after the silent link:\n" .. out)
     assert.truthy(out:find("sm_state at the end: unacked=0 ", 1, true), out)
-    assert.truthy(out:find("bob received 12 messages: 12 distinct, 0 duplicates", 1, true), out)
+    assert.truthy(out:find("bob received 20 messages: 20 distinct, 0 duplicates", 1, true), out)
   end)
 
   it("runs the restart example: killed with SIGKILL, it resumes and nothing is lost or doubled", function()
-    local out, code = with_server({ "--kill-after", "2", "examples/resume_after_restart.lua", "15" })
+    local args = readme_command("resume_after_restart")
+    assert.same({ "--kill-after", "2", "examples/resume_after_restart.lua" }, args)
+    local out, code = with_server(args)
     assert.equal(0, code, out)
     local first, second = out:match("\n%[alice%] run (%x+): no session in the store"),
                           out:match("\n%[alice%] run (%x+): the store holds session")
@@ -195,21 +217,23 @@ describe("examples/with_server.lua", function()
     assert.equal(0, count(out, "run " .. second .. ": online in a new session"), out)
     -- Every message the first run accepted reaches bob exactly once, and all of the second's.
     local accepted = 0
-    for i in out:gmatch("\n%[alice%] sent:   run " .. first .. ": message (%d+) of 15\n") do
+    for i in out:gmatch("\n%[alice%] sent:   run " .. first .. ": message (%d+) of 20\n") do
       accepted = math.max(accepted, tonumber(i))
     end
-    assert.is_true(accepted > 0 and accepted < 15, "the kill came at message " .. accepted)
+    assert.is_true(accepted > 0 and accepted < 20, "the kill came at message " .. accepted)
     local function received(run_id, i)
-      local body = ("run %s: message %d of 15"):format(run_id, i)
+      local body = ("run %s: message %d of 20"):format(run_id, i)
       return count(out, "\n%[bob%] <%- [^\n]*: " .. body:gsub("%p", "%%%0") .. "\n")
     end
     for i = 1, accepted do assert.equal(1, received(first, i), "first run, message " .. i .. ":\n" .. out) end
-    for i = 1, 15 do assert.equal(1, received(second, i), "second run, message " .. i .. ":\n" .. out) end
+    for i = 1, 20 do assert.equal(1, received(second, i), "second run, message " .. i .. ":\n" .. out) end
     assert.truthy(out:find("0 duplicates", 1, true), out)
   end)
 
   it("runs the IQ example: by callback, inside spawn, a handler, an error reply", function()
-    local out, code = with_server({ "examples/iq_request.lua" })
+    local args = readme_command("iq_request")
+    assert.same({ "examples/iq_request.lua" }, args)
+    local out, code = with_server(args)
     assert.equal(0, code, out)
     assert.truthy(out:find("\n%[alice%] disco#info: the server is server/im \"Prosody\"\n"), out)
     assert.truthy(out:find("\n%[alice%] ping: the server answered in [%d.]+ ms\n"), out)
