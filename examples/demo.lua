@@ -218,7 +218,7 @@ harness.main(function()
   local deadline = core.monotime() + 15
   while not (alice:status() == "online" and bob:status() == "online") do
     if core.monotime() > deadline then
-      error("alice or bob did not get online: " .. tostring(last_error), 0)
+      harness.fail("alice or bob did not get online: " .. tostring(last_error))
     end
     xmppsm.step(0.05)
     harness.check_interrupt()

@@ -52,24 +52,29 @@ function harness.watch_client(client)
   client:on("error", function(err) note_interrupt(err) end)
 end
 
+--- Raises an error meant for the person at the terminal: printed without a traceback.
+function harness.fail(text)
+  error(setmetatable({ text = text }, { __tostring = function(e) return e.text end }), 0)
+end
+
 local function command_exists(name)
   return os.execute("command -v " .. name .. " >/dev/null 2>&1") == true
 end
 
 -- Clear messages for what a newcomer may not have yet, instead of a stack trace.
 local function preflight()
-  if not package.searchpath("xmppsm.core", harness.cpath) then
-    error("xmppsm/core.so is not built: run `make` in " .. harness.root, 0)
-  end
   for _, tool in ipairs({ "prosody", "prosodyctl", "openssl" }) do
     if not command_exists(tool) then
-      error(tool .. " is not installed: run `make deps` (it installs what is missing)", 0)
+      harness.fail(tool .. " is not installed: run `make deps` (it installs what is missing)")
     end
   end
   for _, mod in ipairs({ "socket", "ssl", "lfs", "system" }) do
     if not pcall(require, mod) then
-      error("the Lua module " .. mod .. " is missing: run `make deps`", 0)
+      harness.fail("the Lua module " .. mod .. " is missing: run `make deps`")
     end
+  end
+  if not package.searchpath("xmppsm.core", harness.cpath) then
+    harness.fail("xmppsm/core.so is not built: run `make` in " .. harness.root)
   end
 end
 
@@ -82,7 +87,6 @@ local started = {}   -- what start() made, for stop()
 --   `domain`, `users`, and `jid(name)`
 function harness.start(opts)
   opts = opts or {}
-  preflight()
   local loop = require "xmppsm.loop"
   local default_on_error = loop.on_error
   loop.on_error = function(err)
@@ -131,12 +135,17 @@ function harness.stop()
   return said
 end
 
---- Runs `main()` and exits: status 0, or what `main` returns; 130 after Ctrl-C; 1 after an
--- error (with its traceback). Whatever happens, everything started is stopped first.
+--- Checks what is needed (tools, Lua modules, the built core), then runs `main()` and exits:
+-- status 0, or what `main` returns; 130 after Ctrl-C; 1 after an error (with its traceback,
+-- unless it came from `harness.fail`). Whatever happens, everything started is stopped first.
 function harness.main(main)
   local code
-  local ok, err = xpcall(main, function(e)
-    if note_interrupt(e) then return e end
+  local ok, err = xpcall(function()
+    preflight()
+    return main()
+  end, function(e)
+    if note_interrupt(e) or (type(e) == "table" and e.text) then return e end
+    if tostring(e):find("\nstack traceback:", 1, true) then return e end  -- re-raised, traced
     return debug.traceback(tostring(e), 2)
   end)
   if ok then

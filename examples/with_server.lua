@@ -31,22 +31,22 @@ local function parse(args)
   local i = 1
   while args[i] and args[i]:match("^%-%-") do
     local name, value = args[i], args[i + 1]
-    if value == nil then error(USAGE, 0) end
+    if value == nil then harness.fail(USAGE) end
     if name == "--say" then
       o.say[#o.say + 1] = value
     elseif name == "--cut-every" or name == "--kill-after" or name == "--timeout" then
       local n = tonumber(value)
-      if not n or n <= 0 then error(name .. " takes a number of seconds\n" .. USAGE, 0) end
-      if name == "--cut-every" and n < 2 then error("--cut-every takes 2 seconds or more", 0) end
+      if not n or n <= 0 then harness.fail(name .. " takes a number of seconds\n" .. USAGE) end
+      if name == "--cut-every" and n < 2 then harness.fail("--cut-every takes 2 seconds or more") end
       o[name:sub(3):gsub("%-", "_")] = n
     else
-      error("unknown option " .. name .. "\n" .. USAGE, 0)
+      harness.fail("unknown option " .. name .. "\n" .. USAGE)
     end
     i = i + 2
   end
   o.script = args[i]
-  if not o.script then error(USAGE, 0) end
-  if not io.open(o.script, "r") then error("no such file: " .. o.script, 0) end
+  if not o.script then harness.fail(USAGE) end
+  if not io.open(o.script, "r") then harness.fail("no such file: " .. o.script) end
   o.args = table.move(args, i + 1, #args, 1, {})
   return o
 end
@@ -96,7 +96,7 @@ harness.main(function()
   bob:connect()
   local deadline = core.monotime() + 10
   while bob:status() ~= "online" do
-    if core.monotime() > deadline then error("bob could not log in", 0) end
+    if core.monotime() > deadline then harness.fail("bob could not log in") end
     xmppsm.step(0.05)
     harness.check_interrupt()
   end
