@@ -76,6 +76,7 @@ function client.new(opts)
     local st = sm_opts.store
     local rest = {}
     for k, v in pairs(sm_opts) do if k ~= "store" then rest[k] = v end end
+    sm.check_options(rest)   -- before the store is opened: a typo must not leave files behind
     local the_store
     if st == nil or type(st) == "string" then
       local path = st or store.default_path(self.bare_jid)

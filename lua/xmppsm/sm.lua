@@ -32,7 +32,8 @@ sm.defaults = {
   durability = "write",   -- "fsync", "write" or "none" (see xmppsm.store)
 }
 
-local function check_options(given)
+--- Checks the client's `sm` table (unknown names raise) and returns it with defaults filled in.
+function sm.check_options(given)
   local o = {}
   for k, v in pairs(sm.defaults) do o[k] = v end
   for k, v in pairs(given or {}) do
@@ -54,7 +55,7 @@ end
 
 --- Creates the Stream Management layer of `client` with the client's `sm` option table.
 function sm.new(client, given, store)
-  local o = check_options(given)
+  local o = sm.check_options(given)
   local self = setmetatable({
     client = client,
     opts = o,
