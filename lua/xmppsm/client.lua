@@ -174,6 +174,10 @@ function Client:connect()
     loop.retain()
   end
   self.closing = false
+  if self.sm and self.sm.store_warning then
+    self.events:fire("error", self.sm.store_warning)
+    self.sm.store_warning = nil
+  end
   self:_attempt()
   return self
 end

@@ -83,7 +83,8 @@ function SM:_restore(store)
   end
   if warning then
     self.client:_log("warn", "stream management store: " .. warning)
-    self.client.events:fire("error", xmperror.new("sm", "store-corrupt", warning))
+    -- Handlers are added after construction: the client reports it when it connects.
+    self.store_warning = xmperror.new("sm", "store-corrupt", warning)
   end
   if not state then return end
   self.session = state.session
