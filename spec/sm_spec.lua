@@ -184,7 +184,8 @@ describe("stream management against Prosody", function()
     a:send(msg("bob@" .. DOMAIN, "during-silence"))
     wait.until_true(function() return rec.count("disconnected") == 1 end, 5, "the dead link to be noticed")
     local noticed = require("xmppsm.core").monotime() - t0
-    assert.is_true(noticed <= 0.5 + 1 + 0.5, "noticed after " .. noticed .. " s")
+    -- Within one idle interval plus the ack timeout (and slack for a loaded machine).
+    assert.is_true(noticed <= 0.5 + 1 + 1.5, "noticed after " .. noticed .. " s")
     proxy:resume()
     wait.until_true(function() return rec.count("resumed") == 1 end, 10, "resumption")
     wait.until_true(function() return seen["during-silence"] == 1 end, 5, "the message")
