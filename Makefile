@@ -70,10 +70,10 @@ SUITE = XMPPSM_SUMMARY=$(SUMMARY) spec/helpers/suite.sh
 test: all build/asan/xmppsm/core.so
 	@mkdir -p build; rm -f $(SUMMARY)
 	@$(SUITE) check "luacheck" $(MAKE) --no-print-directory lint
-	@$(SUITE) busted "all specs" $(BUSTED)
+	@$(SUITE) busted "all specs" timeout 1200 $(BUSTED)
 	@$(SUITE) busted "core specs under AddressSanitizer + UndefinedBehaviorSanitizer" \
-	  env $(ASAN_ENV) $(BUSTED) --run=core --cpath='build/asan/?.so'
-	@$(SUITE) busted "core specs under valgrind" $(MAKE) --no-print-directory valgrind
+	  timeout 1200 env $(ASAN_ENV) $(BUSTED) --run=core --cpath='build/asan/?.so'
+	@$(SUITE) busted "core specs under valgrind" timeout 2400 $(MAKE) --no-print-directory valgrind
 	@$(SUITE) check "LuaRocks build into a temporary tree" $(MAKE) --no-print-directory rock-check
 	@$(SUITE) check "parser fuzzing, 30 s" $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30
 	@$(LUA) spec/helpers/total.lua $(SUMMARY)

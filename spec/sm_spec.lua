@@ -138,7 +138,9 @@ describe("stream management against Prosody", function()
     -- normal (cut_after rules also apply to new connections until then).
     local N, sent, fault, armed_at = 1000, 0, 0, nil
     local drops = wait.recorder(a, { "disconnected" })
+    local deadline = require("xmppsm.core").monotime() + 60
     while sent < N or armed_at do
+      assert(require("xmppsm.core").monotime() < deadline, "stuck after " .. sent .. " messages, fault " .. fault)
       if sent < N then
         for _ = 1, 25 do
           sent = sent + 1
