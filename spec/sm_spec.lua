@@ -140,7 +140,7 @@ describe("stream management against Prosody", function()
     local drops = wait.recorder(a, { "disconnected" })
     local deadline = require("xmppsm.core").monotime() + 60
     while sent < N or armed_at do
-      assert(require("xmppsm.core").monotime() < deadline, "stuck after " .. sent .. " messages, fault " .. fault)
+      assert(require("xmppsm.core").monotime() < deadline, "stuck at " .. sent .. ", fault " .. fault)
       if sent < N then
         for _ = 1, 25 do
           sent = sent + 1
