@@ -709,7 +709,7 @@ static void walk(out_t *o) {
 /* ---- feeding ----------------------------------------------------------------------------- */
 
 /* The input still to parse: bytes of `raw` past `fed` (put back by a rebase or waiting for a
- * byte-order-mark check), then the rest of the caller's chunk. */
+ * look at the encoding), then the rest of the caller's chunk. */
 typedef struct {
     const char *data;
     size_t off, len;
@@ -897,15 +897,17 @@ static void fail_before(out_t *o, const char *cond, const char *fmt, ...) {
     stop_stream(o, ST_FAILED);
 }
 
-/* A stream must not start with a UTF-16 byte-order mark: expat would switch to UTF-16 whatever
- * encoding it was told. FE and FF never start UTF-8, so only such a first byte needs a look at
- * the second. Returns 0 to wait for more input. */
-static int check_bom(out_t *o, input_t *in) {
+/* expat looks at the first bytes of a document and switches to UTF-16 on a byte-order mark, or
+ * on "<\0" or "\0<", whatever encoding it was told; UTF-32 has NULs there too. NUL is never
+ * allowed in XML, so a NUL in the first two bytes, or FE FF / FF FE, means the stream is not
+ * UTF-8. Only a first byte of NUL, FE, FF or '<' needs a look at the second. Returns 0 to wait
+ * for more input. */
+static int check_encoding(out_t *o, input_t *in) {
     parser_t *p = o->p;
     unsigned char a, b;
     if (p->fed != 0 || p->state != ST_HEADER || avail_end(p, in) == 0) return 1;
     a = peek(p, in, 0);
-    if (a != 0xFE && a != 0xFF) return 1;
+    if (a != 0x00 && a != 0xFE && a != 0xFF && a != '<') return 1;
     if (avail_end(p, in) < 2) {
         if (!buf_append(&p->raw, in->data + in->off, in->len - in->off)) luaL_error(o->L, "not enough memory");
         in->off = in->len;
@@ -914,6 +916,8 @@ static int check_bom(out_t *o, input_t *in) {
     b = peek(p, in, 1);
     if ((a == 0xFE && b == 0xFF) || (a == 0xFF && b == 0xFE))
         fail_before(o, "unsupported-encoding", "the stream starts with a UTF-16 byte-order mark");
+    else if (a == 0x00 || b == 0x00)
+        fail_before(o, "unsupported-encoding", "the stream is not UTF-8 (a NUL in its first two bytes)");
     return 1;
 }
 
@@ -928,7 +932,7 @@ static void run(out_t *o, input_t *in) {
             keep_rest(o, in->data + in->off, in->len - in->off);
             return;
         }
-        if (!check_bom(o, in)) return;
+        if (!check_encoding(o, in)) return;
         if (p->state == ST_FAILED) continue;
         last = avail_end(p, in);
         if (last == p->fed) return;
@@ -1000,7 +1004,7 @@ static int l_reset(lua_State *L) {
     parser_t *p = check_parser(L);
     if (p->state == ST_PAUSED || p->state == ST_FAILED)
         lua_pushlstring(L, p->rest.p ? p->rest.p : "", p->rest.len);
-    else if (raw_end(p) > p->fed) /* a first byte held back for the byte-order-mark check */
+    else if (raw_end(p) > p->fed) /* a first byte held back by check_encoding */
         lua_pushlstring(L, raw_at(p, p->fed), (size_t)(raw_end(p) - p->fed));
     else
         lua_pushliteral(L, "");
