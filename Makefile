@@ -25,8 +25,11 @@ CORE_SRC = $(sort $(wildcard csrc/*.c))
 CORE_HDR = $(wildcard csrc/*.h)
 
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
-ASAN_ENV = LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) \
-           ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# The core's specs run in an interpreter built with the sanitizers (spec/helpers/lua_host.c), so
+# the programs the specs start are not run with the sanitizer runtime.
+ASAN_LUA = build/asan/lua_host
+ASAN_RUN = ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+           $(ASAN_LUA) /usr/bin/busted --run=core --cpath='build/asan/?.so'
 
 BUSTED  = $(LUA) /usr/bin/busted
 SUMMARY = build/summary.txt
@@ -63,28 +66,35 @@ xmppsm/core.so: $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p xmppsm
 	$(CC) $(CORE_CFLAGS) $(CORE_SRC) -o $@ $(LIBFLAG) $(CORE_LIBS)
 
+$(ASAN_LUA): spec/helpers/lua_host.c
+	@mkdir -p build/asan
+	$(CC) $(SAN_FLAGS) $(WARNFLAGS) -I$(LUA_INCDIR) $< -o $@ -llua$(LUA_VERSION) -lm
+
 build/asan/xmppsm/core.so: $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p build/asan/xmppsm
 	$(CC) $(SAN_FLAGS) $(WARNFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -I$(EXPAT_INCDIR) \
 	  -I$(OPENSSL_INCDIR) $(CORE_SRC) -o $@ $(LIBFLAG) $(CORE_LIBS)
 
-# Every test: lint, all specs, the core's specs under ASan+UBSan, the rock build, a short fuzz run.
-# It keeps going after a failure so the closing line counts everything, then fails if anything did.
-test: all build/asan/xmppsm/core.so
-	@mkdir -p build; rm -f $(SUMMARY); extra=0; \
-	$(MAKE) --no-print-directory lint || extra=$$((extra+1)); \
-	XMPPSM_SUMMARY=$(SUMMARY) $(BUSTED) || true; \
-	echo "== core specs under AddressSanitizer + UndefinedBehaviorSanitizer"; \
-	XMPPSM_SUMMARY=$(SUMMARY) $(ASAN_ENV) $(BUSTED) --run=core --cpath='build/asan/?.so' || true; \
-	$(MAKE) --no-print-directory rock-check || extra=$$((extra+1)); \
-	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30 || extra=$$((extra+1)); \
-	$(LUA) spec/helpers/total.lua $(SUMMARY) $$extra
+# Every test: lint, all specs, the core's specs under ASan+UBSan and under valgrind, the rock
+# build, a short fuzz run. It keeps going after a failure so the closing line counts
+# everything, then fails if anything did.
+SUITE = XMPPSM_SUMMARY=$(SUMMARY) spec/helpers/suite.sh
+test: all build/asan/xmppsm/core.so $(ASAN_LUA)
+	@mkdir -p build; rm -f $(SUMMARY)
+	@$(SUITE) check "luacheck" $(MAKE) --no-print-directory lint
+	@$(SUITE) busted "all specs" timeout 1200 $(BUSTED)
+	@$(SUITE) busted "core specs under AddressSanitizer + UndefinedBehaviorSanitizer" \
+	  timeout 1200 env $(ASAN_RUN)
+	@$(SUITE) busted "core specs under valgrind" timeout 2400 $(MAKE) --no-print-directory valgrind
+	@$(SUITE) check "LuaRocks build into a temporary tree" $(MAKE) --no-print-directory rock-check
+	@$(SUITE) check "parser fuzzing, 30 s" $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30
+	@$(LUA) spec/helpers/total.lua $(SUMMARY)
 
 test-unit: all
 	$(BUSTED) --run=core
 
-test-asan: build/asan/xmppsm/core.so
-	$(ASAN_ENV) $(BUSTED) --run=core --cpath='build/asan/?.so'
+test-asan: build/asan/xmppsm/core.so $(ASAN_LUA)
+	$(ASAN_RUN)
 
 valgrind: all
 	valgrind --quiet --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=1 \

@@ -709,7 +709,7 @@ static void walk(out_t *o) {
 /* ---- feeding ----------------------------------------------------------------------------- */
 
 /* The input still to parse: bytes of `raw` past `fed` (put back by a rebase or waiting for a
- * byte-order-mark check), then the rest of the caller's chunk. */
+ * look at the encoding), then the rest of the caller's chunk. */
 typedef struct {
     const char *data;
     size_t off, len;
@@ -782,10 +782,28 @@ static void stop_stream(out_t *o, int state) {
     p->raw_base = p->fed = p->consumed = from;
 }
 
+/* Between stanzas, the first byte that is not whitespace must start a tag. expat does not always
+ * report text before failing (it rejects " x ]]>" as one token), so whether an error there was
+ * "text between stanzas" is decided from the bytes, the same way however the input was split.
+ * Returns the position of the offending byte, or 0 when the text began with '<'. */
+static uint64_t text_between_stanzas(const parser_t *p) {
+    uint64_t pos = p->gap_start > p->raw_base ? p->gap_start : p->raw_base;
+    if (p->state != ST_OPEN || p->depth != 1) return 0;
+    for (; pos < p->fed; pos++) {
+        unsigned char c = (unsigned char)*raw_at(p, pos);
+        if (!is_ws(c)) return c == '<' ? 0 : pos + 1;
+    }
+    return 0;
+}
+
 static void expat_error(parser_t *p) {
     enum XML_Error code = XML_GetErrorCode(p->xp);
-    uint64_t pos = here(p);
+    uint64_t pos = here(p), text = text_between_stanzas(p);
     const char *cond = "not-well-formed";
+    if (text != 0 && code != XML_ERROR_NO_MEMORY) {
+        set_error(p, "bad-format", text - 1, "text between stanzas at byte %llu", (unsigned long long)(text - 1));
+        return;
+    }
     switch (code) {
     case XML_ERROR_NO_MEMORY:
         cond = COND_OOM;
@@ -897,23 +915,26 @@ static void fail_before(out_t *o, const char *cond, const char *fmt, ...) {
     stop_stream(o, ST_FAILED);
 }
 
-/* A stream must not start with a UTF-16 byte-order mark: expat would switch to UTF-16 whatever
- * encoding it was told. FE and FF never start UTF-8, so only such a first byte needs a look at
- * the second. Returns 0 to wait for more input. */
-static int check_bom(out_t *o, input_t *in) {
+/* expat looks at the first two bytes of a document and switches to UTF-16 on a byte-order mark
+ * or on a NUL in either of them, whatever encoding it was told (and decides on one byte alone
+ * when it gets only one). NUL is never allowed in XML, so a NUL there, or FE FF / FF FE, means
+ * the stream is not UTF-8. expat is given nothing before the first two bytes are here, so its
+ * choice never depends on how the input was split. Returns 0 to wait for more input. */
+static int check_encoding(out_t *o, input_t *in) {
     parser_t *p = o->p;
     unsigned char a, b;
     if (p->fed != 0 || p->state != ST_HEADER || avail_end(p, in) == 0) return 1;
-    a = peek(p, in, 0);
-    if (a != 0xFE && a != 0xFF) return 1;
     if (avail_end(p, in) < 2) {
         if (!buf_append(&p->raw, in->data + in->off, in->len - in->off)) luaL_error(o->L, "not enough memory");
         in->off = in->len;
         return 0;
     }
+    a = peek(p, in, 0);
     b = peek(p, in, 1);
     if ((a == 0xFE && b == 0xFF) || (a == 0xFF && b == 0xFE))
         fail_before(o, "unsupported-encoding", "the stream starts with a UTF-16 byte-order mark");
+    else if (a == 0x00 || b == 0x00)
+        fail_before(o, "unsupported-encoding", "the stream is not UTF-8 (a NUL in its first two bytes)");
     return 1;
 }
 
@@ -928,7 +949,7 @@ static void run(out_t *o, input_t *in) {
             keep_rest(o, in->data + in->off, in->len - in->off);
             return;
         }
-        if (!check_bom(o, in)) return;
+        if (!check_encoding(o, in)) return;
         if (p->state == ST_FAILED) continue;
         last = avail_end(p, in);
         if (last == p->fed) return;
@@ -1000,7 +1021,7 @@ static int l_reset(lua_State *L) {
     parser_t *p = check_parser(L);
     if (p->state == ST_PAUSED || p->state == ST_FAILED)
         lua_pushlstring(L, p->rest.p ? p->rest.p : "", p->rest.len);
-    else if (raw_end(p) > p->fed) /* a first byte held back for the byte-order-mark check */
+    else if (raw_end(p) > p->fed) /* a first byte held back by check_encoding */
         lua_pushlstring(L, raw_at(p, p->fed), (size_t)(raw_end(p) - p->fed));
     else
         lua_pushliteral(L, "");
@@ -1107,7 +1128,8 @@ static int l_parser(lua_State *L) {
     lua_setiuservalue(L, 4, UV_NS);
     p->levels = malloc(sizeof *p->levels * (size_t)(max_depth + 1));
     p->xp = XML_ParserCreateNS("UTF-8", '\1');
-    if (p->levels == NULL || p->xp == NULL) {
+    /* raw and tape are never NULL while open: pointer arithmetic on them needs no special case */
+    if (p->levels == NULL || p->xp == NULL || !buf_reserve(&p->raw, 1) || !buf_reserve(&p->tape, 1)) {
         free_parser(p);
         return luaL_error(L, "not enough memory");
     }

@@ -1,47 +1,135 @@
-/* libFuzzer target for the stream parser.
- * The input's first byte picks a chunk size; the rest is fed as a stream. Invariants checked:
- * feeding never raises a Lua error (bad input must become an "error" event), and the events are
- * the same whether the input arrives in one piece or in chunks. */
+/* libFuzzer target for the stream parser (csrc/parser.c).
+ * The input's first byte picks how the rest is chunked: below 128 a fixed step of 1..17 bytes,
+ * otherwise pseudo-random pieces of 1..64 bytes. The rest is fed as a stream (resetting after a
+ * pause, as a client does) with small limits, so limits, pauses and the periodic expat reset are
+ * all reached. Checked on every input:
+ * - feeding never raises a Lua error: bad input becomes an "error" event;
+ * - the events (kinds, element tables, raw bytes, error conditions) do not depend on chunking;
+ * - element tables have the documented shape;
+ * - raw bytes appear in the input in order with only whitespace between them, the header's at
+ *   the start of its stream; what reset() returns is input, after a pause exactly what follows. */
 #include <stdint.h>
-#include <stdlib.h>
 #include <stdio.h>
+#include <stdlib.h>
+
+#include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
-#include <lauxlib.h>
 
 int luaopen_xmppsm_core(lua_State *L);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static const char *driver =
     "local core = ...\n"
-    "local function run(data, step)\n"
-    "  local p = core.parser{ max_stanza_size = 2048, max_depth = 12, max_attributes = 8 }\n"
+    "local OPTS = { max_stanza_size = 512, max_depth = 12, max_attributes = 8 }\n"
+    "\n"
+    "-- element tables: only name, attr, tags, 1..n; tags = the element children in order\n"
+    "local function check_element(e)\n"
+    "  assert(type(e.name) == \"string\" and type(e.attr) == \"table\" and type(e.tags) == \"table\", \"shape\")\n"
+    "  local n, tags = 0, 0\n"
+    "  for k in pairs(e) do\n"
+    "    if type(k) == \"number\" then n = n + 1\n"
+    "    else assert(k == \"name\" or k == \"attr\" or k == \"tags\", \"key\") end\n"
+    "  end\n"
+    "  assert(n == #e, \"sequence\")\n"
+    "  for k, v in pairs(e.attr) do assert(type(k) == \"string\" and type(v) == \"string\", \"attr\") end\n"
+    "  for i = 1, #e do\n"
+    "    if type(e[i]) == \"table\" then\n"
+    "      tags = tags + 1\n"
+    "      assert(e.tags[tags] == e[i], \"tags\")\n"
+    "      check_element(e[i])\n"
+    "    else\n"
+    "      assert(type(e[i]) == \"string\" and type(e[i - 1]) ~= \"string\", \"text\")\n"
+    "    end\n"
+    "  end\n"
+    "  assert(tags == #e.tags, \"tags count\")\n"
+    "end\n"
+    "\n"
+    "local function dump(buf, v)\n"
+    "  if type(v) ~= \"table\" then\n"
+    "    buf[#buf + 1] = type(v) == \"string\" and #v .. \":\" .. v or tostring(v)\n"
+    "    return\n"
+    "  end\n"
+    "  local attr = v.name and v.attr or v\n"
+    "  local keys = {}\n"
+    "  for k in pairs(attr) do keys[#keys + 1] = k end\n"
+    "  table.sort(keys)\n"
+    "  buf[#buf + 1] = \"<\" .. tostring(v.name)\n"
+    "  for _, k in ipairs(keys) do buf[#buf + 1] = #k .. \":\" .. k .. \"=\" .. #attr[k] .. \":\" .. attr[k] end\n"
+    "  buf[#buf + 1] = \">\"\n"
+    "  if v.name then for i = 1, #v do dump(buf, v[i]) end end\n"
+    "  buf[#buf + 1] = \"</>\"\n"
+    "end\n"
+    "\n"
+    "local states = { header = true, open = true, paused = true, closed = true, failed = true }\n"
+    "\n"
+    "-- Feeds data in pieces from next_size(), resetting after a pause as a client does.\n"
+    "local function run(data, next_size)\n"
+    "  local p = core.parser(OPTS)\n"
     "  local out = {}\n"
+    "  local cursor = 1 -- raw bytes must appear in the input in order, only whitespace between\n"
     "  local i = 1\n"
-    "  while i <= #data do\n"
-    "    local chunk = data:sub(i, i + step - 1)\n"
-    "    i = i + step\n"
-    "    local ev, n = p:feed(chunk)\n"
-    "    for k = 1, n do\n"
-    "      local kind, a, b = ev[3*k-2], ev[3*k-1], ev[3*k]\n"
-    "      out[#out+1] = kind .. ':' .. tostring(kind == 'error' and a or b)\n"
+    "  local input = data\n"
+    "  while i <= #input do\n"
+    "    local n = next_size()\n"
+    "    local ev, cnt = p:feed(input:sub(i, i + n - 1))\n"
+    "    i = i + n\n"
+    "    assert(#ev == 3 * cnt, \"event count\")\n"
+    "    for k = 1, cnt do\n"
+    "      local kind, a, b = ev[3 * k - 2], ev[3 * k - 1], ev[3 * k]\n"
+    "      if kind == \"error\" then\n"
+    "        assert(type(a) == \"string\" and type(b) == \"string\", \"error values\")\n"
+    "        out[#out + 1] = \"error \" .. a\n"
+    "      else\n"
+    "        assert(type(b) == \"string\", \"raw\")\n"
+    "        if kind == \"stanza\" then check_element(a) end\n"
+    "        if #b > 0 then\n"
+    "          local at = data:find(b, cursor, true)\n"
+    "          assert(at and not data:sub(cursor, at - 1):find(\"[^ \\t\\r\\n]\"), \"raw bytes out of place\")\n"
+    "          assert(kind ~= \"header\" or at == cursor, \"header raw bytes\")\n"
+    "          cursor = at + #b\n"
+    "        end\n"
+    "        local buf = { kind }\n"
+    "        dump(buf, a)\n"
+    "        dump(buf, b)\n"
+    "        out[#out + 1] = table.concat(buf, \" \")\n"
+    "      end\n"
     "    end\n"
     "    local st = p:state()\n"
-    "    if st == 'failed' then break end\n"
-    "    if st == 'paused' then\n"
-    "      out[#out+1] = 'reset'\n"
+    "    assert(states[st], \"state\")\n"
+    "    if st == \"failed\" then\n"
     "      local rest = p:reset()\n"
-    "      data = rest .. data:sub(i)\n"
+    "      assert(data:find(rest, 1, true), \"leftover after an error is not input\")\n"
+    "      break\n"
+    "    end\n"
+    "    if st == \"paused\" then\n"
+    "      out[#out + 1] = \"reset\"\n"
+    "      local rest = p:reset()\n"
+    "      assert(rest == data:sub(cursor, cursor + #rest - 1), \"leftover after a pause\")\n"
+    "      input = rest .. input:sub(i)\n"
     "      i = 1\n"
     "    end\n"
     "  end\n"
     "  p:close()\n"
-    "  return table.concat(out, '\\n')\n"
+    "  return table.concat(out, \"\\n\")\n"
     "end\n"
-    "return function(data, step)\n"
-    "  local whole = run(data, #data + 1)\n"
-    "  local split = run(data, step)\n"
-    "  if whole ~= split then error('chunking changed the events:\\n' .. whole .. '\\n--\\n' .. split) end\n"
+    "\n"
+    "return function(data, mode)\n"
+    "  -- reference: pieces as large as a paused parser may hold\n"
+    "  local ref = run(data, function() return OPTS.max_stanza_size end)\n"
+    "  local next_size\n"
+    "  if mode < 128 then\n"
+    "    local step = 1 + mode % 17\n"
+    "    next_size = function() return step end\n"
+    "  else\n"
+    "    local seed = mode\n"
+    "    next_size = function()\n"
+    "      seed = (seed * 1103515245 + 12345) % 2147483648\n"
+    "      return 1 + (seed >> 16) % 64\n"
+    "    end\n"
+    "  end\n"
+    "  local got = run(data, next_size)\n"
+    "  if got ~= ref then error(\"chunking changed the events:\\n\" .. ref .. \"\\n--\\n\" .. got) end\n"
     "end\n";
 
 static lua_State *L;
@@ -51,14 +139,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (L == NULL) {
         L = luaL_newstate();
         luaL_openlibs(L);
-        if (luaL_loadstring(L, driver) != LUA_OK) abort();
+        if (luaL_loadstring(L, driver) != LUA_OK) {
+            fprintf(stderr, "fuzz driver: %s\n", lua_tostring(L, -1));
+            abort();
+        }
         luaopen_xmppsm_core(L);
         lua_call(L, 1, 1);
         lua_setglobal(L, "fuzz_run");
     }
     lua_getglobal(L, "fuzz_run");
     lua_pushlstring(L, (const char *)data + 1, size - 1);
-    lua_pushinteger(L, 1 + data[0] % 17);
+    lua_pushinteger(L, data[0]);
     if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
         fprintf(stderr, "fuzz driver: %s\n", lua_tostring(L, -1));
         abort();

@@ -343,17 +343,22 @@ running() { local s; read -r s 2>/dev/null < "/proc/$1/stat" || return 1; s=${s#
 mkfifo "${list%/*}/tick" && exec 3<>"${list%/*}/tick"
 nap() { read -r -t "$1" -u 3 _ || true; }
 while running "$parent"; do nap 0.5; done
+# signals every listed process still running as itself; fails if there was none
 sweep() {
-  local kind rest pid start s f
+  local kind rest pid start s f found=1
   while read -r kind rest; do
     [ "$kind" = p ] || continue
     read -r pid start <<< "$rest"
     read -r s 2>/dev/null < "/proc/$pid/stat" || continue
     read -r -a f <<< "${s##*) }"
-    [ "${f[19]}" = "$start" ] && kill "-$1" "$pid" 2>/dev/null
+    [ "${f[0]}" != Z ] && [ "${f[19]}" = "$start" ] && kill "-$1" "$pid" 2>/dev/null && found=0
   done < "$list"
+  return $found
 }
-sweep TERM; nap 1; sweep KILL
+if sweep TERM; then
+  for _ in 1 2 3 4 5 6 7 8 9 10; do nap 0.1; sweep 0 || break; done
+  sweep KILL
+fi
 while read -r kind rest; do [ "$kind" = d ] && rm -rf -- "$rest"; done < "$list"
 rm -rf -- "${list%/*}"
 ]=]

@@ -15,6 +15,7 @@
 -- @module helpers.proxy
 
 local socket = require "socket"
+local lfs = require "lfs"
 local process = require "helpers.process"
 
 local proxy = {}
@@ -22,9 +23,11 @@ local proxy = {}
 local Proxy = {}
 Proxy.__index = Proxy
 
--- proxy_main.lua sits next to this file, wherever busted was started from.
+-- proxy_main.lua sits next to this file, wherever busted was started from; made absolute
+-- now, so a later chdir cannot lose it.
 local main_path = (debug.getinfo(1, "S").source:match("^@(.*)proxy%.lua$") or "./")
   .. "proxy_main.lua"
+if not main_path:match("^/") then main_path = lfs.currentdir() .. "/" .. main_path end
 
 --- Starts a proxy on 127.0.0.1 that forwards to `target_host`:`target_port`.
 -- @tparam table opts `target_port` (required), `target_host` ("127.0.0.1"),
