@@ -12,5 +12,6 @@ int luaopen_xmppsm_core(lua_State *L) {
     xmppsm_open_queue(L);
     xmppsm_open_crypto(L);
     xmppsm_open_clock(L);
+    xmppsm_open_file(L);
     return 1;
 }

@@ -1,6 +1,1136 @@
-/* parser: placeholder until implemented (see docs/core.md). */
+/* parser: XMPP stream framing on libexpat (contract: docs/core.md, "Parser").
+ *
+ * How the pieces fit:
+ * - expat's callbacks never call Lua, so a Lua error can never unwind through expat's frames.
+ *   They append records to a C "tape"; once XML_Parse has returned, the tape is walked and
+ *   turned into element tables and events.
+ * - Positions are stream byte offsets (0 = the first byte of the current stream). Every byte
+ *   goes into `raw` before expat sees it; `raw` keeps what is still needed (the header or the
+ *   stanza being received), so raw bytes are cut out exactly however the input was split.
+ * - max_stanza_size is enforced before bytes reach expat: each chunk is fed in pieces no larger
+ *   than what the current unit (header, stanza, whitespace between them) may still take.
+ * - expat interns every distinct element and attribute name for the life of an XML_Parser, so a
+ *   long stream of ever-new names would grow without bound. After 2 * max_stanza_size bytes the
+ *   next stanza end "rebases": expat is reset and the stream header replayed into it.
+ */
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <expat.h>
+
 #include "xmppsm.h"
 
+/* Debian back-ported XML_SetReparseDeferralEnabled to 2.5.0 without changing the version
+ * macros, so the only reliable test is whether the symbol exists at run time. */
+XMLPARSEAPI(XML_Bool) XML_SetReparseDeferralEnabled(XML_Parser parser, XML_Bool enabled);
+#pragma weak XML_SetReparseDeferralEnabled
+
+#define PARSER_MT "xmppsm.parser"
+#define UV_MT 1 /* user value: stanza_mt or nil */
+#define UV_NS 2 /* user value: content_ns, keeps p->content_ns alive */
+
+#define STREAM_NS "http://etherx.jabber.org/streams"
+#define XML_NS_SEP "http://www.w3.org/XML/1998/namespace\1"
+#define TLS_PROCEED "urn:ietf:params:xml:ns:xmpp-tls\1proceed"
+#define SASL_SUCCESS "urn:ietf:params:xml:ns:xmpp-sasl\1success"
+
+#define MAX_STANZA_LIMIT (1 << 29) /* keeps every piece given to XML_Parse within an int */
+#define MAX_DEPTH_LIMIT 10000
+#define MAX_ATTRS_LIMIT 100000
+#define NO_TEXT ((size_t)-1)
+
+enum { ST_HEADER, ST_OPEN, ST_PAUSED, ST_CLOSED, ST_FAILED };
+static const char *const state_names[] = {"header", "open", "paused", "closed", "failed"};
+
+/* Why expat was stopped; callbacks that still fire after a stop are ignored. */
+enum { STOP_NONE, STOP_ERROR, STOP_PAUSE, STOP_REBASE };
+
+/* Tape records. Strings are u32 length, bytes, NUL. Positions are u64. */
+enum {
+    REC_HEADER = 1, /* nattr, attrs..., end */
+    REC_BEGIN,      /* start: a stanza's first byte */
+    REC_OPEN,       /* name, nattr, attrs... */
+    REC_TEXT,       /* text (grows while more text for the same element arrives) */
+    REC_CLOSE,      /* end of the innermost open element */
+    REC_END,        /* end: one past the stanza's last byte */
+    REC_STREAM_END  /* start, end of the stream's end tag */
+};
+
+/* What the size limit applies to right now, for the error text. */
+enum { UNIT_HEADER, UNIT_STANZA, UNIT_GAP };
+
+static const char COND_OOM[] = "out of memory"; /* raised, never reported as an event */
+
+typedef struct {
+    char *p;
+    size_t len, cap;
+} buf_t;
+
+/* Per-depth state while building one stanza's tables. */
+typedef struct {
+    const char *ns;
+    size_t nslen;
+    lua_Integer nchild, ntag;
+} level_t;
+
+typedef struct {
+    XML_Parser xp; /* NULL once closed */
+    int state;
+    int busy; /* still set when feed starts: a Lua error interrupted an earlier feed */
+
+    size_t max_size;
+    int max_depth, max_attrs;
+    const char *content_ns;
+    size_t content_ns_len;
+    int has_mt;
+
+    uint64_t fed;        /* next stream byte to hand to expat */
+    uint64_t consumed;   /* expat has reported everything before this byte */
+    int64_t delta;       /* stream position = expat byte index + delta (changes on rebase) */
+    uint64_t unit_start; /* first byte of the stanza being parsed */
+    uint64_t gap_start;  /* one past the last complete unit */
+    XML_Index rebase_at; /* expat byte index after which the next stanza end rebases */
+
+    buf_t raw; /* stream bytes from raw_base; bytes past `fed` are not parsed yet */
+    uint64_t raw_base;
+    buf_t header; /* the header's raw bytes, replayed into expat on rebase */
+    buf_t tape;
+    size_t tape_done; /* tape bytes that form complete units */
+    size_t open_text; /* offset of the text record that still grows, or NO_TEXT */
+    buf_t rest;       /* bytes kept unparsed while paused or failed, returned by reset */
+
+    int depth; /* elements open in expat, stream root included */
+    int stop;
+    int replaying;
+    int header_ns_ok; /* the header declared content_ns as its default namespace */
+    uint64_t stop_pos;
+    const char *err_cond;
+    char err_text[200];
+
+    level_t *levels; /* max_depth + 1 entries */
+} parser_t;
+
+/* ---- byte buffers ---------------------------------------------------------------------- */
+
+static int buf_reserve(buf_t *b, size_t extra) {
+    size_t need = b->len + extra, cap;
+    char *np;
+    if (need <= b->cap) return 1;
+    cap = b->cap ? b->cap : 256;
+    while (cap < need) cap *= 2;
+    np = realloc(b->p, cap);
+    if (np == NULL) return 0;
+    b->p = np;
+    b->cap = cap;
+    return 1;
+}
+
+static int buf_append(buf_t *b, const char *s, size_t n) {
+    if (n == 0) return 1;
+    if (!buf_reserve(b, n)) return 0;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    return 1;
+}
+
+static void buf_drop_front(buf_t *b, size_t n) {
+    if (n == 0) return;
+    memmove(b->p, b->p + n, b->len - n);
+    b->len -= n;
+}
+
+static void buf_free(buf_t *b) {
+    free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+static int is_ws(unsigned char c) {
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+static uint64_t raw_end(const parser_t *p) {
+    return p->raw_base + p->raw.len;
+}
+
+static const char *raw_at(const parser_t *p, uint64_t pos) {
+    return p->raw.p + (pos - p->raw_base);
+}
+
+/* ---- errors ------------------------------------------------------------------------------ */
+
+static void set_error(parser_t *p, const char *cond, uint64_t pos, const char *fmt, ...) {
+    va_list ap;
+    if (p->stop != STOP_NONE && p->stop != STOP_REBASE) return;
+    p->stop = STOP_ERROR;
+    p->stop_pos = pos;
+    p->err_cond = cond;
+    va_start(ap, fmt);
+    vsnprintf(p->err_text, sizeof p->err_text, fmt, ap);
+    va_end(ap);
+}
+
+/* From a callback: record the error and make expat return as soon as it can. */
+#define FAIL(p, cond, ...)                                                                       \
+    do {                                                                                         \
+        set_error((p), (cond), here(p), __VA_ARGS__);                                            \
+        XML_StopParser((p)->xp, XML_FALSE);                                                      \
+    } while (0)
+
+/* ---- tape -------------------------------------------------------------------------------- */
+
+static uint64_t here(const parser_t *p) {
+    return (uint64_t)(XML_GetCurrentByteIndex(p->xp) + p->delta);
+}
+
+static uint64_t here_end(const parser_t *p) {
+    return here(p) + (uint64_t)XML_GetCurrentByteCount(p->xp);
+}
+
+static char *put_u32(char *w, uint32_t v) {
+    memcpy(w, &v, sizeof v);
+    return w + sizeof v;
+}
+
+static char *put_u64(char *w, uint64_t v) {
+    memcpy(w, &v, sizeof v);
+    return w + sizeof v;
+}
+
+static char *put_str(char *w, const char *s, size_t n) {
+    w = put_u32(w, (uint32_t)n);
+    memcpy(w, s, n);
+    w[n] = '\0';
+    return w + n + 1;
+}
+
+static const char *get_u32(const char *r, uint32_t *v) {
+    memcpy(v, r, sizeof *v);
+    return r + sizeof *v;
+}
+
+static const char *get_u64(const char *r, uint64_t *v) {
+    memcpy(v, r, sizeof *v);
+    return r + sizeof *v;
+}
+
+static const char *get_str(const char *r, const char **s, size_t *n) {
+    uint32_t len;
+    r = get_u32(r, &len);
+    *s = r;
+    *n = len;
+    return r + len + 1;
+}
+
+/* Room for `n` more tape bytes; on failure the parser is stopped with the OOM marker. */
+static char *tape_room(parser_t *p, size_t n) {
+    char *w;
+    if (!buf_reserve(&p->tape, n)) {
+        FAIL(p, COND_OOM, "out of memory");
+        return NULL;
+    }
+    w = p->tape.p + p->tape.len;
+    p->tape.len += n;
+    p->open_text = NO_TEXT;
+    return w;
+}
+
+static int rec_pos(parser_t *p, int kind, uint64_t pos) {
+    char *w = tape_room(p, 1 + 8);
+    if (w == NULL) return 0;
+    *w++ = (char)kind;
+    put_u64(w, pos);
+    return 1;
+}
+
+static size_t attrs_size(const XML_Char **atts) {
+    size_t n = 0;
+    for (; *atts != NULL; atts++) n += 4 + strlen(*atts) + 1;
+    return n;
+}
+
+static char *put_attrs(char *w, const XML_Char **atts, int nattr) {
+    w = put_u32(w, (uint32_t)nattr);
+    for (; *atts != NULL; atts++) w = put_str(w, *atts, strlen(*atts));
+    return w;
+}
+
+static int rec_open(parser_t *p, const XML_Char *name, const XML_Char **atts, int nattr) {
+    size_t nlen = strlen(name);
+    char *w = tape_room(p, 1 + 4 + nlen + 1 + 4 + attrs_size(atts));
+    if (w == NULL) return 0;
+    *w++ = REC_OPEN;
+    w = put_str(w, name, nlen);
+    put_attrs(w, atts, nattr);
+    return 1;
+}
+
+static int rec_header(parser_t *p, const XML_Char **atts, int nattr, uint64_t end) {
+    char *w = tape_room(p, 1 + 4 + attrs_size(atts) + 8);
+    if (w == NULL) return 0;
+    *w++ = REC_HEADER;
+    w = put_attrs(w, atts, nattr);
+    put_u64(w, end);
+    return 1;
+}
+
+/* expat hands text over in pieces (and splits it at every newline); consecutive pieces for the
+ * same element grow one record, so each element sees its adjacent text as one string. */
+static void rec_text(parser_t *p, const XML_Char *s, int len) {
+    size_t at = p->open_text;
+    uint32_t total;
+    char *w;
+    if (at != NO_TEXT) {
+        if (!buf_reserve(&p->tape, (size_t)len)) {
+            FAIL(p, COND_OOM, "out of memory");
+            return;
+        }
+        get_u32(p->tape.p + at + 1, &total);
+        /* the record ends with a NUL: overwrite it and write a new one after the text */
+        w = p->tape.p + p->tape.len - 1;
+        memcpy(w, s, (size_t)len);
+        w[len] = '\0';
+        p->tape.len += (size_t)len;
+        put_u32(p->tape.p + at + 1, total + (uint32_t)len);
+        return;
+    }
+    at = p->tape.len;
+    w = tape_room(p, 1 + 4 + (size_t)len + 1);
+    if (w == NULL) return;
+    *w++ = REC_TEXT;
+    put_str(w, s, (size_t)len);
+    p->open_text = at;
+}
+
+static void unit_done(parser_t *p) {
+    p->tape_done = p->tape.len;
+}
+
+/* ---- expat callbacks: C only, no Lua ------------------------------------------------------ */
+
+static int count_attrs(const XML_Char **atts) {
+    int n = 0;
+    while (atts[2 * n] != NULL) n++;
+    return n;
+}
+
+/* expat names are "uri\1local" or just "local". */
+static int name_in(const XML_Char *name, const char *uri, const char *local) {
+    size_t ulen = strlen(uri);
+    return strncmp(name, uri, ulen) == 0 && name[ulen] == '\1' && strcmp(name + ulen + 1, local) == 0;
+}
+
+static void start_header(parser_t *p, const XML_Char *name, const XML_Char **atts, int nattr) {
+    uint64_t end;
+    if (!name_in(name, STREAM_NS, "stream")) {
+        size_t ulen = strlen(STREAM_NS);
+        if (strncmp(name, STREAM_NS, ulen) == 0 && name[ulen] == '\1')
+            FAIL(p, "bad-format", "the stream's root element is <%.60s>, not <stream>", name + ulen + 1);
+        else
+            FAIL(p, "invalid-namespace", "the stream's root element is not <stream> in " STREAM_NS);
+        return;
+    }
+    if (!p->header_ns_ok) {
+        FAIL(p, "invalid-namespace", "the stream header does not declare xmlns='%.100s'", p->content_ns);
+        return;
+    }
+    end = here_end(p);
+    if (!rec_header(p, atts, nattr, end)) return;
+    unit_done(p);
+    p->depth = 1;
+    p->state = ST_OPEN;
+    p->gap_start = end;
+}
+
+static void on_start(void *ud, const XML_Char *name, const XML_Char **atts) {
+    parser_t *p = ud;
+    int nattr;
+    if (p->stop) return;
+    if (p->replaying) {
+        p->depth++;
+        return;
+    }
+    nattr = count_attrs(atts);
+    if (nattr > p->max_attrs) {
+        FAIL(p, "policy-violation", "an element has %d attributes, more than max_attributes (%d)", nattr,
+             p->max_attrs);
+        return;
+    }
+    if (p->depth == 0) {
+        start_header(p, name, atts, nattr);
+        return;
+    }
+    if (p->depth > p->max_depth) { /* the stanza is at depth 1, its children at 2, ... */
+        FAIL(p, "policy-violation", "elements nested more than max_depth (%d) deep", p->max_depth);
+        return;
+    }
+    if (p->depth == 1) {
+        p->unit_start = here(p);
+        if (!rec_pos(p, REC_BEGIN, p->unit_start)) return;
+    }
+    if (!rec_open(p, name, atts, nattr)) return;
+    p->depth++;
+}
+
+static void stream_end(parser_t *p) {
+    uint64_t start = here(p), end = here_end(p);
+    char *w = tape_room(p, 1 + 8 + 8);
+    if (w == NULL) return;
+    *w++ = REC_STREAM_END;
+    w = put_u64(w, start);
+    put_u64(w, end);
+    unit_done(p);
+    p->state = ST_CLOSED;
+    p->gap_start = end;
+}
+
+static void on_end(void *ud, const XML_Char *name) {
+    parser_t *p = ud;
+    uint64_t end;
+    char *w;
+    if (p->stop) return;
+    p->depth--;
+    if (p->depth == 0) {
+        stream_end(p);
+        return;
+    }
+    w = tape_room(p, 1);
+    if (w == NULL) return;
+    *w = REC_CLOSE;
+    if (p->depth > 1) return;
+    /* a stanza is complete; for <a/> the count is 0 and the index already points past it */
+    end = here_end(p);
+    if (!rec_pos(p, REC_END, end)) return;
+    unit_done(p);
+    p->gap_start = end;
+    if (strcmp(name, TLS_PROCEED) == 0 || strcmp(name, SASL_SUCCESS) == 0) {
+        p->stop = STOP_PAUSE;
+        p->stop_pos = end;
+        XML_StopParser(p->xp, XML_FALSE);
+    } else if (XML_GetCurrentByteIndex(p->xp) >= p->rebase_at) {
+        p->stop = STOP_REBASE;
+        p->stop_pos = end;
+        XML_StopParser(p->xp, XML_FALSE);
+    }
+}
+
+static void on_text(void *ud, const XML_Char *s, int len) {
+    parser_t *p = ud;
+    uint64_t pos, end;
+    if (p->stop || p->replaying) return;
+    if (p->depth >= 2) {
+        rec_text(p, s, len);
+        return;
+    }
+    /* Between stanzas only literal whitespace may appear (no references, no CDATA): check the
+     * bytes as received, which are still in `raw` (it keeps everything expat has not reported). */
+    pos = here(p);
+    end = here_end(p);
+    if (pos < p->raw_base || end > raw_end(p)) end = pos; /* cannot happen; never read outside */
+    for (; pos < end; pos++) {
+        if (!is_ws((unsigned char)*raw_at(p, pos))) {
+            FAIL(p, "bad-format", "text between stanzas at byte %llu", (unsigned long long)pos);
+            return;
+        }
+    }
+}
+
+static void on_cdata(void *ud) {
+    parser_t *p = ud;
+    if (p->stop || p->depth >= 2) return;
+    FAIL(p, "bad-format", "CDATA section between stanzas");
+}
+
+static void on_ns_decl(void *ud, const XML_Char *prefix, const XML_Char *uri) {
+    parser_t *p = ud;
+    if (p->stop || p->replaying || p->depth != 0 || prefix != NULL) return;
+    if (uri == NULL) uri = ""; /* xmlns='' */
+    p->header_ns_ok = strlen(uri) == p->content_ns_len && memcmp(uri, p->content_ns, p->content_ns_len) == 0;
+}
+
+static int same_ascii_nocase(const char *a, const char *b) {
+    for (; *a && *b; a++, b++) {
+        char x = *a >= 'A' && *a <= 'Z' ? (char)(*a + 32) : *a;
+        char y = *b >= 'A' && *b <= 'Z' ? (char)(*b + 32) : *b;
+        if (x != y) return 0;
+    }
+    return *a == *b;
+}
+
+static void on_xml_decl(void *ud, const XML_Char *version, const XML_Char *encoding, int standalone) {
+    parser_t *p = ud;
+    (void)version;
+    (void)standalone;
+    if (p->stop || p->replaying || encoding == NULL || same_ascii_nocase(encoding, "UTF-8")) return;
+    FAIL(p, "unsupported-encoding", "the XML declaration says encoding='%.40s'; only UTF-8 is supported",
+         encoding);
+}
+
+static void on_comment(void *ud, const XML_Char *data) {
+    parser_t *p = ud;
+    (void)data;
+    if (p->stop) return;
+    FAIL(p, "restricted-xml", "comment at byte %llu", (unsigned long long)here(p));
+}
+
+static void on_pi(void *ud, const XML_Char *target, const XML_Char *data) {
+    parser_t *p = ud;
+    (void)data;
+    if (p->stop) return;
+    FAIL(p, "restricted-xml", "processing instruction <?%.40s?> at byte %llu", target,
+         (unsigned long long)here(p));
+}
+
+static void on_doctype(void *ud, const XML_Char *name, const XML_Char *sysid, const XML_Char *pubid,
+                       int has_internal_subset) {
+    parser_t *p = ud;
+    (void)name;
+    (void)sysid;
+    (void)pubid;
+    (void)has_internal_subset;
+    if (p->stop) return;
+    FAIL(p, "restricted-xml", "DOCTYPE declaration");
+}
+
+static void on_entity_decl(void *ud, const XML_Char *name, int is_pe, const XML_Char *value, int vlen,
+                           const XML_Char *base, const XML_Char *sysid, const XML_Char *pubid,
+                           const XML_Char *notation) {
+    parser_t *p = ud;
+    (void)name, (void)is_pe, (void)value, (void)vlen, (void)base, (void)sysid, (void)pubid,
+        (void)notation;
+    if (p->stop) return;
+    FAIL(p, "restricted-xml", "entity declaration");
+}
+
+static void install_handlers(parser_t *p) {
+    XML_Parser xp = p->xp;
+    XML_SetUserData(xp, p);
+    XML_SetElementHandler(xp, on_start, on_end);
+    XML_SetCharacterDataHandler(xp, on_text);
+    XML_SetStartCdataSectionHandler(xp, on_cdata);
+    XML_SetStartNamespaceDeclHandler(xp, on_ns_decl);
+    XML_SetXmlDeclHandler(xp, on_xml_decl);
+    XML_SetCommentHandler(xp, on_comment);
+    XML_SetProcessingInstructionHandler(xp, on_pi);
+    XML_SetStartDoctypeDeclHandler(xp, on_doctype);
+    XML_SetEntityDeclHandler(xp, on_entity_decl);
+    if (XML_SetReparseDeferralEnabled != NULL) XML_SetReparseDeferralEnabled(xp, XML_FALSE);
+}
+
+/* ---- building Lua values from the tape ---------------------------------------------------- */
+
+#define EV_INDEX 3 /* stack slot of the events table during feed */
+#define MT_INDEX 4 /* stack slot of stanza_mt (or nil) during feed */
+
+typedef struct {
+    lua_State *L;
+    parser_t *p;
+    lua_Integer n; /* events so far */
+} out_t;
+
+/* Pushes an event's kind and its two values (already on the stack) into the events table. */
+static void emit(out_t *o, const char *kind) {
+    lua_State *L = o->L;
+    lua_Integer base = 3 * o->n;
+    lua_rawseti(L, EV_INDEX, base + 3);
+    lua_rawseti(L, EV_INDEX, base + 2);
+    lua_pushstring(L, kind);
+    lua_rawseti(L, EV_INDEX, base + 1);
+    o->n++;
+}
+
+static void push_raw(lua_State *L, const parser_t *p, uint64_t start, uint64_t end) {
+    if (start < p->raw_base || end > raw_end(p) || start > end) { /* cannot happen; stay in bounds */
+        lua_pushliteral(L, "");
+        return;
+    }
+    lua_pushlstring(L, raw_at(p, start), (size_t)(end - start));
+}
+
+/* Attribute keys: "name", "xml:name" for the XML namespace, "uri\1name" for any other. */
+static void push_attr_key(lua_State *L, const char *k, size_t klen) {
+    size_t xlen = sizeof XML_NS_SEP - 1;
+    if (klen > xlen && memcmp(k, XML_NS_SEP, xlen) == 0)
+        lua_pushfstring(L, "xml:%s", k + xlen);
+    else
+        lua_pushlstring(L, k, klen);
+}
+
+static const char *read_attrs(lua_State *L, const char *r, int extra) {
+    uint32_t nattr, i;
+    const char *k, *v;
+    size_t klen, vlen;
+    r = get_u32(r, &nattr);
+    lua_createtable(L, 0, (int)nattr + extra);
+    for (i = 0; i < nattr; i++) {
+        r = get_str(r, &k, &klen);
+        r = get_str(r, &v, &vlen);
+        push_attr_key(L, k, klen);
+        lua_pushlstring(L, v, vlen);
+        lua_rawset(L, -3);
+    }
+    return r;
+}
+
+static const char *emit_header(out_t *o, const char *r) {
+    lua_State *L = o->L;
+    parser_t *p = o->p;
+    uint64_t end;
+    r = read_attrs(L, r, 1);
+    lua_pushlstring(L, p->content_ns, p->content_ns_len);
+    lua_setfield(L, -2, "xmlns");
+    r = get_u64(r, &end);
+    push_raw(L, p, 0, end);
+    p->header.len = 0;
+    if (!buf_append(&p->header, raw_at(p, 0), (size_t)end)) luaL_error(L, "not enough memory");
+    emit(o, "header");
+    return r;
+}
+
+/* REC_OPEN: pushes the new element table and its tags table. */
+static const char *open_element(out_t *o, const char *r, level_t *lv, int depth) {
+    lua_State *L = o->L;
+    parser_t *p = o->p;
+    const char *name, *local, *sep, *pns;
+    size_t nlen, nslen, pnslen;
+    int differs;
+    r = get_str(r, &name, &nlen);
+    sep = memchr(name, '\1', nlen);
+    local = sep ? sep + 1 : name;
+    nslen = sep ? (size_t)(sep - name) : 0;
+    pns = depth == 0 ? p->content_ns : lv[depth - 1].ns;
+    pnslen = depth == 0 ? p->content_ns_len : lv[depth - 1].nslen;
+    differs = nslen != pnslen || memcmp(name, pns, nslen) != 0;
+
+    lua_createtable(L, 0, 3);
+    if (p->has_mt) {
+        lua_pushvalue(L, MT_INDEX);
+        lua_setmetatable(L, -2);
+    }
+    lua_pushliteral(L, "name");
+    lua_pushlstring(L, local, nlen - (size_t)(local - name));
+    lua_rawset(L, -3);
+    lua_pushliteral(L, "attr");
+    r = read_attrs(L, r, differs);
+    if (differs) {
+        lua_pushliteral(L, "xmlns");
+        lua_pushlstring(L, name, nslen);
+        lua_rawset(L, -3);
+    }
+    lua_rawset(L, -3);
+    lua_createtable(L, 0, 0);
+    lua_pushliteral(L, "tags");
+    lua_pushvalue(L, -2);
+    lua_rawset(L, -4);
+    lv[depth].ns = name;
+    lv[depth].nslen = nslen;
+    lv[depth].nchild = lv[depth].ntag = 0;
+    return r;
+}
+
+/* From REC_BEGIN to REC_END: one stanza. Stack per open element: element, tags. */
+static const char *emit_stanza(out_t *o, const char *r) {
+    lua_State *L = o->L;
+    parser_t *p = o->p;
+    level_t *lv = p->levels;
+    int depth = 0;
+    uint64_t start, end;
+    const char *s;
+    size_t n;
+    r = get_u64(r, &start);
+    for (;;) {
+        switch (*r++) {
+        case REC_OPEN:
+            r = open_element(o, r, lv, depth);
+            depth++;
+            break;
+        case REC_TEXT:
+            r = get_str(r, &s, &n);
+            lua_pushlstring(L, s, n);
+            lua_rawseti(L, -3, ++lv[depth - 1].nchild);
+            break;
+        case REC_CLOSE:
+            lua_pop(L, 1); /* its tags table */
+            depth--;
+            if (depth > 0) {
+                lua_pushvalue(L, -1);
+                lua_rawseti(L, -3, ++lv[depth - 1].ntag);
+                lua_rawseti(L, -3, ++lv[depth - 1].nchild);
+            }
+            break;
+        case REC_END:
+            r = get_u64(r, &end);
+            push_raw(L, p, start, end);
+            emit(o, "stanza");
+            return r;
+        default:
+            return luaL_error(L, "xmppsm.parser: corrupt tape"), r;
+        }
+    }
+}
+
+static const char *emit_stream_end(out_t *o, const char *r) {
+    uint64_t start, end;
+    r = get_u64(r, &start);
+    r = get_u64(r, &end);
+    lua_pushboolean(o->L, 0);
+    push_raw(o->L, o->p, start, end);
+    emit(o, "close");
+    return r;
+}
+
+/* Turns the complete units on the tape into events, then keeps only the unfinished stanza. */
+static void walk(out_t *o) {
+    parser_t *p = o->p;
+    const char *r = p->tape.p, *end = p->tape.p + p->tape_done;
+    while (r < end) {
+        switch (*r++) {
+        case REC_HEADER:
+            r = emit_header(o, r);
+            break;
+        case REC_BEGIN:
+            r = emit_stanza(o, r);
+            break;
+        case REC_STREAM_END:
+            r = emit_stream_end(o, r);
+            break;
+        default:
+            luaL_error(o->L, "xmppsm.parser: corrupt tape");
+        }
+    }
+    buf_drop_front(&p->tape, p->tape_done);
+    if (p->open_text != NO_TEXT) p->open_text -= p->tape_done;
+    p->tape_done = 0;
+}
+
+/* ---- feeding ----------------------------------------------------------------------------- */
+
+/* The input still to parse: bytes of `raw` past `fed` (put back by a rebase or waiting for a
+ * byte-order-mark check), then the rest of the caller's chunk. */
+typedef struct {
+    const char *data;
+    size_t off, len;
+} input_t;
+
+static uint64_t avail_end(const parser_t *p, const input_t *in) {
+    return raw_end(p) + (in->len - in->off);
+}
+
+static unsigned char peek(const parser_t *p, const input_t *in, uint64_t pos) {
+    if (pos < raw_end(p)) return (unsigned char)*raw_at(p, pos);
+    return (unsigned char)in->data[in->off + (size_t)(pos - raw_end(p))];
+}
+
+/* Where the current unit must end at the latest: no unit may exceed max_stanza_size. */
+static uint64_t unit_limit(const parser_t *p, const input_t *in, int *unit) {
+    uint64_t max = p->max_size, pos, gap_end, last = avail_end(p, in);
+    if (p->state == ST_HEADER) {
+        *unit = UNIT_HEADER;
+        return max;
+    }
+    *unit = UNIT_STANZA;
+    if (p->depth >= 2) return p->unit_start + max;
+    /* Between units. Bytes expat holds unreported (a partial tag, a trailing CR) either start the
+     * next unit or are whitespace still running. */
+    for (pos = p->consumed; pos < p->fed && is_ws((unsigned char)*raw_at(p, pos)); pos++) {}
+    if (pos < p->fed) return pos + max;
+    /* Only whitespace so far: look ahead for where it ends, at most where the gap would be
+     * too long. Only the whitespace itself is scanned here. */
+    gap_end = p->gap_start + max;
+    for (pos = p->fed; pos < last && pos < gap_end && is_ws(peek(p, in, pos)); pos++) {}
+    if (pos < last && !is_ws(peek(p, in, pos))) return pos + max;
+    if (pos == last) return last;
+    *unit = UNIT_GAP;
+    return gap_end;
+}
+
+/* Moves the unparsed bytes kept for reset() into `rest`, within max_stanza_size. */
+static void keep_rest(out_t *o, const char *s, size_t n) {
+    parser_t *p = o->p;
+    size_t room = p->max_size > p->rest.len ? p->max_size - p->rest.len : 0;
+    if (n > room) {
+        if (p->state == ST_PAUSED) {
+            p->state = ST_FAILED;
+            lua_pushliteral(o->L, "policy-violation");
+            lua_pushfstring(o->L, "more than max_stanza_size (%I bytes) arrived while paused",
+                            (lua_Integer)p->max_size);
+            emit(o, "error");
+        }
+        n = room;
+    }
+    if (!buf_append(&p->rest, s, n)) luaL_error(o->L, "not enough memory");
+}
+
+/* After a stop for an error or a pause: what expat was given past the stop point is kept. */
+static void stop_stream(out_t *o, int state) {
+    parser_t *p = o->p;
+    uint64_t from = p->stop_pos;
+    if (from < p->raw_base) from = p->raw_base;
+    if (from > raw_end(p)) from = raw_end(p);
+    if (state == ST_FAILED) {
+        lua_pushstring(o->L, p->err_cond);
+        lua_pushstring(o->L, p->err_text);
+        emit(o, "error");
+    }
+    p->state = state;
+    p->rest.len = 0;
+    keep_rest(o, raw_at(p, from), (size_t)(raw_end(p) - from));
+    p->raw.len = 0;
+    p->raw_base = p->fed = p->consumed = from;
+}
+
+static void expat_error(parser_t *p) {
+    enum XML_Error code = XML_GetErrorCode(p->xp);
+    uint64_t pos = here(p);
+    const char *cond = "not-well-formed";
+    switch (code) {
+    case XML_ERROR_NO_MEMORY:
+        cond = COND_OOM;
+        break;
+    case XML_ERROR_UNDEFINED_ENTITY:
+    case XML_ERROR_PARAM_ENTITY_REF:
+    case XML_ERROR_RECURSIVE_ENTITY_REF:
+    case XML_ERROR_BINARY_ENTITY_REF:
+    case XML_ERROR_ATTRIBUTE_EXTERNAL_ENTITY_REF:
+    case XML_ERROR_EXTERNAL_ENTITY_HANDLING:
+        cond = "restricted-xml";
+        break;
+    case XML_ERROR_INCORRECT_ENCODING:
+    case XML_ERROR_UNKNOWN_ENCODING:
+        cond = "unsupported-encoding";
+        break;
+    default:
+        break;
+    }
+    set_error(p, cond, pos, "%s at byte %llu", XML_ErrorString(code), (unsigned long long)pos);
+}
+
+/* Starts expat on a new stream. */
+static int restart_expat(parser_t *p) {
+    if (!XML_ParserReset(p->xp, "UTF-8")) return 0;
+    install_handlers(p);
+    p->depth = 0;
+    p->stop = STOP_NONE;
+    p->header_ns_ok = 0;
+    return 1;
+}
+
+/* Resets expat at a stanza boundary and replays the stream header, so names interned by expat
+ * do not pile up over a long stream. Parsing goes on from `fed` as if nothing happened. */
+static void rebase(out_t *o) {
+    parser_t *p = o->p;
+    enum XML_Status st;
+    if (!restart_expat(p)) luaL_error(o->L, "not enough memory");
+    p->replaying = 1;
+    st = XML_Parse(p->xp, p->header.p, (int)p->header.len, XML_FALSE);
+    p->replaying = 0;
+    if (st != XML_STATUS_OK || p->depth != 1) {
+        p->state = ST_FAILED;
+        luaL_error(o->L, "xmppsm.parser: replaying the stream header failed");
+    }
+    p->delta = (int64_t)p->fed - (int64_t)p->header.len;
+    p->consumed = p->fed;
+    p->rebase_at = (XML_Index)(p->header.len + 2 * p->max_size);
+}
+
+/* Drops the raw bytes nothing needs any more. */
+static void compact_raw(parser_t *p) {
+    uint64_t keep;
+    if (p->state == ST_HEADER)
+        keep = 0; /* the header's raw bytes run from the start of the stream */
+    else if (p->depth >= 2)
+        keep = p->unit_start;
+    else
+        keep = p->consumed < p->fed ? p->consumed : p->fed;
+    if (keep > p->raw_base) {
+        buf_drop_front(&p->raw, (size_t)(keep - p->raw_base));
+        p->raw_base = keep;
+    }
+}
+
+/* Gives expat the next `n` bytes (already in raw at `fed`) and reports what they completed. */
+static void parse_piece(out_t *o, size_t n) {
+    parser_t *p = o->p;
+    enum XML_Status st = XML_Parse(p->xp, raw_at(p, p->fed), (int)n, XML_FALSE);
+    p->fed += n;
+    if (p->stop == STOP_NONE) {
+        if (st != XML_STATUS_OK)
+            expat_error(p);
+        else
+            p->consumed = here(p);
+    }
+    if (p->stop == STOP_ERROR && p->err_cond == COND_OOM) {
+        p->state = ST_FAILED;
+        luaL_error(o->L, "not enough memory");
+    }
+    walk(o);
+    switch (p->stop) {
+    case STOP_ERROR:
+        stop_stream(o, ST_FAILED);
+        return;
+    case STOP_PAUSE:
+        stop_stream(o, ST_PAUSED);
+        return;
+    case STOP_REBASE:
+        p->fed = p->consumed = p->stop_pos;
+        rebase(o);
+        break;
+    default:
+        break;
+    }
+    compact_raw(p);
+}
+
+/* An error found before the bytes reach expat (size limit, byte-order mark). */
+static void fail_before(out_t *o, const char *cond, const char *fmt, ...) {
+    parser_t *p = o->p;
+    va_list ap;
+    p->stop = STOP_ERROR;
+    p->stop_pos = p->fed;
+    p->err_cond = cond;
+    va_start(ap, fmt);
+    vsnprintf(p->err_text, sizeof p->err_text, fmt, ap);
+    va_end(ap);
+    stop_stream(o, ST_FAILED);
+}
+
+/* A stream must not start with a UTF-16 byte-order mark: expat would switch to UTF-16 whatever
+ * encoding it was told. FE and FF never start UTF-8, so only such a first byte needs a look at
+ * the second. Returns 0 to wait for more input. */
+static int check_bom(out_t *o, input_t *in) {
+    parser_t *p = o->p;
+    unsigned char a, b;
+    if (p->fed != 0 || p->state != ST_HEADER || avail_end(p, in) == 0) return 1;
+    a = peek(p, in, 0);
+    if (a != 0xFE && a != 0xFF) return 1;
+    if (avail_end(p, in) < 2) {
+        if (!buf_append(&p->raw, in->data + in->off, in->len - in->off)) luaL_error(o->L, "not enough memory");
+        in->off = in->len;
+        return 0;
+    }
+    b = peek(p, in, 1);
+    if ((a == 0xFE && b == 0xFF) || (a == 0xFF && b == 0xFE))
+        fail_before(o, "unsupported-encoding", "the stream starts with a UTF-16 byte-order mark");
+    return 1;
+}
+
+static void run(out_t *o, input_t *in) {
+    parser_t *p = o->p;
+    static const char *const unit_names[] = {"the stream header", "a stanza", "whitespace between stanzas"};
+    for (;;) {
+        uint64_t limit, last;
+        size_t n, need;
+        int unit;
+        if (p->state == ST_PAUSED || p->state == ST_FAILED) {
+            keep_rest(o, in->data + in->off, in->len - in->off);
+            return;
+        }
+        if (!check_bom(o, in)) return;
+        if (p->state == ST_FAILED) continue;
+        last = avail_end(p, in);
+        if (last == p->fed) return;
+        limit = unit_limit(p, in, &unit);
+        if (limit <= p->fed) {
+            fail_before(o, "policy-violation", "%s exceeds max_stanza_size (%llu bytes)", unit_names[unit],
+                        (unsigned long long)p->max_size);
+            continue;
+        }
+        n = (size_t)((limit < last ? limit : last) - p->fed);
+        if (p->fed + n > raw_end(p)) {
+            need = (size_t)(p->fed + n - raw_end(p));
+            if (!buf_append(&p->raw, in->data + in->off, need)) luaL_error(o->L, "not enough memory");
+            in->off += need;
+        }
+        parse_piece(o, n);
+    }
+}
+
+/* ---- Lua API ----------------------------------------------------------------------------- */
+
+static parser_t *check_parser(lua_State *L) {
+    parser_t *p = luaL_checkudata(L, 1, PARSER_MT);
+    if (p->xp == NULL) luaL_error(L, "attempt to use a closed xmppsm.parser");
+    return p;
+}
+
+static void clear_stream(parser_t *p) {
+    p->state = ST_HEADER;
+    p->busy = 0;
+    p->fed = p->consumed = p->unit_start = p->gap_start = 0;
+    p->delta = 0;
+    p->rebase_at = (XML_Index)(2 * p->max_size);
+    p->raw.len = 0;
+    p->raw_base = 0;
+    p->header.len = 0;
+    p->tape.len = 0;
+    p->tape_done = 0;
+    p->open_text = NO_TEXT;
+    p->rest.len = 0;
+    p->replaying = 0;
+}
+
+/* events, n = p:feed(data) */
+static int l_feed(lua_State *L) {
+    parser_t *p = check_parser(L);
+    out_t o;
+    input_t in;
+    in.data = luaL_checklstring(L, 2, &in.len);
+    in.off = 0;
+    if (p->busy) luaL_error(L, "xmppsm.parser: unusable after an error raised by feed; call reset()");
+    lua_settop(L, 2);
+    lua_newtable(L);                  /* EV_INDEX */
+    lua_getiuservalue(L, 1, UV_MT); /* MT_INDEX */
+    luaL_checkstack(L, 2 * p->max_depth + 16, "xmppsm.parser: deep stanza");
+    o.L = L;
+    o.p = p;
+    o.n = 0;
+    p->busy = 1;
+    run(&o, &in);
+    p->busy = 0;
+    lua_pushvalue(L, EV_INDEX);
+    lua_pushinteger(L, o.n);
+    return 2;
+}
+
+/* leftover = p:reset() */
+static int l_reset(lua_State *L) {
+    parser_t *p = check_parser(L);
+    if (p->state == ST_PAUSED || p->state == ST_FAILED)
+        lua_pushlstring(L, p->rest.p ? p->rest.p : "", p->rest.len);
+    else if (raw_end(p) > p->fed) /* a first byte held back for the byte-order-mark check */
+        lua_pushlstring(L, raw_at(p, p->fed), (size_t)(raw_end(p) - p->fed));
+    else
+        lua_pushliteral(L, "");
+    clear_stream(p);
+    if (!restart_expat(p)) {
+        p->state = ST_FAILED;
+        return luaL_error(L, "not enough memory");
+    }
+    return 1;
+}
+
+static int l_state(lua_State *L) {
+    parser_t *p = check_parser(L);
+    lua_pushstring(L, state_names[p->state]);
+    return 1;
+}
+
+static void free_parser(parser_t *p) {
+    if (p->xp != NULL) {
+        XML_ParserFree(p->xp);
+        p->xp = NULL;
+    }
+    buf_free(&p->raw);
+    buf_free(&p->header);
+    buf_free(&p->tape);
+    buf_free(&p->rest);
+    free(p->levels);
+    p->levels = NULL;
+}
+
+/* close, __gc and __close: idempotent. */
+static int l_close(lua_State *L) {
+    free_parser(luaL_checkudata(L, 1, PARSER_MT));
+    return 0;
+}
+
+static int l_tostring(lua_State *L) {
+    parser_t *p = luaL_checkudata(L, 1, PARSER_MT);
+    lua_pushfstring(L, "xmppsm.parser (%s): %p", p->xp ? state_names[p->state] : "closed", (void *)p);
+    return 1;
+}
+
+static lua_Integer opt_integer(lua_State *L, const char *key, lua_Integer def, lua_Integer lo, lua_Integer hi) {
+    lua_Integer v;
+    int isnum;
+    if (lua_getfield(L, 1, key) == LUA_TNIL) {
+        lua_pop(L, 1);
+        return def;
+    }
+    v = lua_tointegerx(L, -1, &isnum);
+    if (!isnum || v < lo || v > hi)
+        luaL_error(L, "bad option '%s' to 'parser' (an integer from %I to %I expected)", key, lo, hi);
+    lua_pop(L, 1);
+    return v;
+}
+
+static void check_option_names(lua_State *L) {
+    static const char *const known[] = {"max_stanza_size", "max_depth", "max_attributes", "content_ns",
+                                        "stanza_mt", NULL};
+    int i;
+    lua_pushnil(L);
+    while (lua_next(L, 1) != 0) {
+        lua_pop(L, 1);
+        for (i = 0; known[i] != NULL; i++)
+            if (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), known[i]) == 0) break;
+        if (known[i] == NULL) luaL_error(L, "unknown option to 'parser': %s", luaL_tolstring(L, -1, NULL));
+    }
+}
+
+/* p = core.parser([opts]) */
+static int l_parser(lua_State *L) {
+    parser_t *p;
+    lua_Integer max_size, max_depth, max_attrs;
+    if (lua_isnoneornil(L, 1)) {
+        lua_settop(L, 0);
+        lua_newtable(L);
+    }
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    check_option_names(L);
+    max_size = opt_integer(L, "max_stanza_size", 262144, 1, MAX_STANZA_LIMIT);
+    max_depth = opt_integer(L, "max_depth", 64, 1, MAX_DEPTH_LIMIT);
+    max_attrs = opt_integer(L, "max_attributes", 64, 0, MAX_ATTRS_LIMIT);
+    if (lua_getfield(L, 1, "content_ns") == LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_pushliteral(L, "jabber:client");
+    } else if (!lua_isstring(L, -1) || lua_type(L, -1) != LUA_TSTRING) {
+        luaL_error(L, "bad option 'content_ns' to 'parser' (string expected)");
+    } /* slot 2: content_ns */
+    if (lua_getfield(L, 1, "stanza_mt") != LUA_TNIL && !lua_istable(L, -1))
+        luaL_error(L, "bad option 'stanza_mt' to 'parser' (table expected)"); /* slot 3 */
+
+    p = lua_newuserdatauv(L, sizeof *p, 2); /* slot 4 */
+    memset(p, 0, sizeof *p);
+    luaL_setmetatable(L, PARSER_MT);
+    p->max_size = (size_t)max_size;
+    p->max_depth = (int)max_depth;
+    p->max_attrs = (int)max_attrs;
+    p->content_ns = lua_tolstring(L, 2, &p->content_ns_len);
+    p->has_mt = !lua_isnil(L, 3);
+    lua_pushvalue(L, 3);
+    lua_setiuservalue(L, 4, UV_MT);
+    lua_pushvalue(L, 2);
+    lua_setiuservalue(L, 4, UV_NS);
+    p->levels = malloc(sizeof *p->levels * (size_t)(max_depth + 1));
+    p->xp = XML_ParserCreateNS("UTF-8", '\1');
+    if (p->levels == NULL || p->xp == NULL) {
+        free_parser(p);
+        return luaL_error(L, "not enough memory");
+    }
+    install_handlers(p);
+    clear_stream(p);
+    return 1;
+}
+
+static const luaL_Reg parser_methods[] = {
+    {"feed", l_feed}, {"reset", l_reset}, {"state", l_state}, {"close", l_close}, {NULL, NULL}};
+
+static const luaL_Reg parser_meta[] = {
+    {"__gc", l_close}, {"__close", l_close}, {"__tostring", l_tostring}, {NULL, NULL}};
+
 void xmppsm_open_parser(lua_State *L) {
-    (void)L;
+    if (luaL_newmetatable(L, PARSER_MT)) {
+        luaL_setfuncs(L, parser_meta, 0);
+        luaL_newlib(L, parser_methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushliteral(L, PARSER_MT);
+        lua_setfield(L, -2, "__name");
+    }
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_parser);
+    lua_setfield(L, -2, "parser");
 }

@@ -13,5 +13,6 @@ void xmppsm_open_serialize(lua_State *L);
 void xmppsm_open_queue(lua_State *L);
 void xmppsm_open_crypto(lua_State *L);
 void xmppsm_open_clock(lua_State *L);
+void xmppsm_open_file(lua_State *L);
 
 #endif

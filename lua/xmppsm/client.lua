@@ -66,8 +66,6 @@ function client.new(opts)
     state = "disconnected",
     outbox = {},           -- stanzas sent while offline, without Stream Management
     attempt = 0,           -- failed connection attempts since the last session
-    id_counter = 0,
-    id_prefix = core.base64_encode(core.random(6)):gsub("[+/=]", "x"),
     stats = { connects = 0, reconnects = 0 },
   }, Client)
   self.events = events.new(function(name, err) self:_handler_error(name, err) end)
@@ -154,9 +152,8 @@ function Client:_set_status(new)
   self.events:fire("status", new, old)
 end
 
-function Client:_new_id()
-  self.id_counter = self.id_counter + 1
-  return self.id_prefix .. self.id_counter
+function Client:_new_id() -- luacheck: no unused args
+  return stanza.new_id()
 end
 
 -- TLS parameters for this account: the certificate must be valid for the JID's domain, never
@@ -201,6 +198,7 @@ function Client:_attempt()
       local err = xmperror.is(features) and features
         or xmperror.new("connection", "internal-server-error", tostring(features))
       self.redact_in = false
+      self.conn = nil   -- so the end of this connection is not taken for a lost session
       conn:abort(err.text)
       return self:_attempt_failed(err)
     end
@@ -304,9 +302,11 @@ function Client:_stop(err)
   self.events:fire("offline", err)
 end
 
---- Ends the session gracefully: sends the stream end and waits (up to `timeout` seconds,
--- default 5) for the server's, then stops without reconnecting. The `offline` event follows.
+--- Ends the session gracefully: with Stream Management, asks for a last ack first; sends the
+-- stream end and waits for the server's (each wait up to `timeout` seconds, default 5), then
+-- stops without reconnecting. The `offline` event follows.
 function Client:close(timeout)
+  timeout = timeout or 5
   self.closing = true
   if self.reconnect_timer then
     self.reconnect_timer:cancel()
@@ -315,8 +315,11 @@ function Client:close(timeout)
   local conn = self.conn
   if conn and not self.neg then
     self:_set_status("closing")
-    if self.sm then self.sm:before_close(conn) end
-    conn:close(timeout)
+    if self.sm then
+      self.sm:before_close(conn, timeout, function() conn:close(timeout) end)
+    else
+      conn:close(timeout)
+    end
   elseif conn then
     conn:abort("closed by the user")
   elseif self.state ~= "closed" then

@@ -91,8 +91,9 @@ function Connection:_fail(err, tell_peer)
       "<stream:error><%s xmlns='%s'/></stream:error></stream:stream>", err.condition, ns.streams))
     self.sent_close = true
   end
-  self.transport:close_after_flush(1, err.text)
+  -- Report this error before the transport's own end could report a plain lost connection.
   self:_end(err)
+  self.transport:close_after_flush(1, err.text)
 end
 
 function Connection:_write(data, shown)
@@ -129,6 +130,12 @@ function Connection:open_stream(domain, from)
   self.header = nil
   self:_write(header)
   return leftover
+end
+
+--- Ends the current stream in the parser (after `<proceed/>`) and returns the bytes that
+-- followed the element that paused it.
+function Connection:take_leftover()
+  return self.parser:reset()
 end
 
 --- Feeds bytes back into the parser (those that followed a SASL `<success/>`).

@@ -69,20 +69,14 @@ function Negotiation:send(el, shown)
   if not ok then fail("connection", "internal-server-error", "cannot send: " .. tostring(err)) end
 end
 
--- Opens a new stream and waits for the server's header and features. `after_proceed`: bytes
--- that followed <proceed/> in the clear are refused (they would be injected into the TLS stream).
-function Negotiation:open_stream(after_proceed)
+-- Opens a new stream and waits for the server's header and features.
+function Negotiation:open_stream()
   local conn, client = self.conn, self.client
-  local header_seen = conn.header ~= nil
+  local header_seen = false
   conn.on_header = function() header_seen = true if self.waiter then self.waiter() end end
   local from = conn.secure and client.bare_jid or nil
   local extra = conn:open_stream(client.domain, from)
-  if #extra > 0 then
-    if after_proceed then
-      fail("tls", "policy-violation", "the server sent data right after <proceed/>, before TLS")
-    end
-    conn:feed(extra)
-  end
+  if #extra > 0 then conn:feed(extra) end
   while not header_seen do self:_wait(function() end, "the stream header") end
   local header = conn.header
   if header.version ~= "1.0" then
@@ -130,11 +124,16 @@ local function starttls(self, features)
   if reply.name ~= "proceed" or reply.attr.xmlns ~= ns.tls then
     fail("tls", "tls-failed", "the server refused STARTTLS")
   end
+  -- Anything after <proceed/> in the clear would be taken as coming from inside TLS
+  -- (the STARTTLS command injection attack): refuse it.
+  if #self.conn:take_leftover() > 0 then
+    fail("tls", "policy-violation", "the server sent data right after <proceed/>, before TLS")
+  end
   local ok, err = self:_wait(function(resume)
     self.conn:start_tls(client:_tls_options(nil), resume)
   end, "the TLS handshake")
   if not ok then error(err, 0) end
-  return self:open_stream(true)
+  return self:open_stream()
 end
 
 local function bind(self, features)

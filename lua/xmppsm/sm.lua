@@ -77,6 +77,9 @@ end
 -- not seen acknowledged, which go back into the queue in their old order.
 function SM:_restore(store)
   local state, warning = store:load()
+  if not state then
+    error("stream management store: " .. tostring(warning), 0)
+  end
   if warning then
     self.client:_log("warn", "stream management store: " .. warning)
     self.client.events:fire("error", xmperror.new("sm", "store-corrupt", warning))
@@ -183,7 +186,12 @@ function SM:send(st, cb)
   end
   local stamp = socket.gettime()
   -- Durable before the bytes can reach the socket: a crash after this line loses nothing.
-  if self.store then self.store:queued(raw, stamp) end
+  if self.store then
+    local ok, serr = self.store:queued(raw, stamp)
+    if not ok then
+      return nil, xmperror.new("send", "store-failed", "not stored, not sent: " .. tostring(serr))
+    end
+  end
   if cb then self.callbacks[st] = cb end
   if self.client.state ~= "online" then
     self.unsent[#self.unsent + 1] = { raw = raw, st = st, stamp = stamp }
@@ -256,8 +264,12 @@ function SM:incoming(el)
       self.stats.rtt_last, self.stats.rtt_sum = rtt, self.stats.rtt_sum + rtt
       self.stats.rtt_count = self.stats.rtt_count + 1
     end
-    if self:_handle_h(el.attr.h, "<a/>") and self.queue:count() >= self.opts.ack_after then
-      self:request_ack()
+    if self:_handle_h(el.attr.h, "<a/>") then
+      if self.drained and self.queue:count() == 0 then
+        self.drained()
+      elseif self.queue:count() >= self.opts.ack_after then
+        self:request_ack()
+      end
     end
   else
     self.client:_log("debug", "ignored <" .. name .. "/> from the server")
@@ -280,7 +292,13 @@ end
 function SM:try_resume(neg, features)
   self.enabled = false
   self.r_outstanding = false
-  if not self.session or not features:get_child("sm", ns.sm) then return false end
+  if not self.session or not features:get_child("sm", ns.sm) then
+    -- Stanzas written on a stream that cannot be resumed: settle them by the policy.
+    if self.queue:count() > 0 or self.session then
+      self:_session_lost(xmperror.new("sm", "not-resumable", "the previous session cannot be resumed"))
+    end
+    return false
+  end
   neg:send(stanza.stanza("resume", { xmlns = ns.sm, previd = self.session.id,
                                      h = tostring(self.inbound) }))
   local reply = neg:next("the resumption reply")
@@ -430,11 +448,26 @@ function SM:keeps_requests()
   return self.session ~= nil
 end
 
---- Before a graceful close: tell the server what we handled (XEP-0198 §4).
-function SM:before_close(conn)
-  if self.enabled then
-    conn:send_raw(string.format("<a xmlns='%s' h='%d'/>", ns.sm, self.inbound))
+--- Before a graceful close: asks for a last ack and waits for it (up to `timeout`), so what
+-- the server has gets its outcome; then tells the server what we handled (XEP-0198 §4) and
+-- calls `done()`.
+function SM:before_close(conn, timeout, done)
+  local finished = false
+  local timer
+  local function finish()
+    if finished then return end
+    finished = true
+    self.drained = nil
+    if timer then timer:cancel() end
+    if self.enabled and not conn.ended then
+      conn:send_raw(string.format("<a xmlns='%s' h='%d'/>", ns.sm, self.inbound))
+    end
+    done()
   end
+  if not self.enabled or self.queue:count() == 0 then return finish() end
+  self.drained = finish
+  timer = loop.after(timeout, finish)
+  if not self.r_outstanding then self:request_ack() end
 end
 
 --- The client stopped for good: whatever is still waiting fails, the session is over.

@@ -373,6 +373,23 @@ function stanza.clone(el)
   return clone(el, 1)
 end
 
+local STREAM_OPEN = "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>"
+
+--- Parses one serialized stanza (in the `jabber:client` namespace, as `tostring` gives it)
+-- back into a stanza. Returns it, or `nil, err`.
+-- @tparam string xml
+function stanza.parse(xml)
+  local parser = core.parser{ stanza_mt = stanza_mt }
+  local events, n = parser:feed(STREAM_OPEN .. xml)
+  parser:close()
+  for i = 1, n do
+    local kind = events[3 * i - 2]
+    if kind == "stanza" then return events[3 * i - 1] end
+    if kind == "error" then return nil, events[3 * i] end
+  end
+  return nil, "incomplete stanza"
+end
+
 --- A `<message>`, optionally with a `<body>`.
 -- @tparam[opt] table attr
 -- @tparam[opt] string body
@@ -390,12 +407,24 @@ function stanza.presence(attr)
   return new_element("presence", attr, 2)
 end
 
---- An `<iq>`; `attr.id` and `attr.type` are required (RFC 6120 §8.2.3).
+local id_prefix, id_counter = nil, 0
+
+--- A fresh stanza id, unique in this process and hard to guess across processes.
+function stanza.new_id()
+  if not id_prefix then
+    id_prefix = core.base64_encode(core.random(9)):gsub("[+/]", { ["+"] = "-", ["/"] = "_" })
+  end
+  id_counter = id_counter + 1
+  return id_prefix .. id_counter
+end
+
+--- An `<iq>`; `attr.type` is required (RFC 6120 §8.2.3) and `attr.id` is generated when absent.
 -- @tparam table attr
 -- @return the stanza
 function stanza.iq(attr)
-  if type(attr) ~= "table" then error("iq: attributes with id and type are required", 2) end
-  if type(attr.id) ~= "string" then error("iq: an id attribute (a string) is required", 2) end
+  if type(attr) ~= "table" then error("iq: attributes with a type are required", 2) end
+  if attr.id == nil then attr.id = stanza.new_id() end
+  if type(attr.id) ~= "string" then error("iq: the id attribute must be a string", 2) end
   if type(attr.type) ~= "string" then error("iq: a type attribute (a string) is required", 2) end
   return new_element("iq", attr, 2)
 end

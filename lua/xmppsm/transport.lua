@@ -164,6 +164,8 @@ function Transport:start_tls(opts, cb)
     if ok then return finish(true) end
     if herr == "wantread" then w.want_read, w.want_write = true, false
     elseif herr == "wantwrite" then w.want_read, w.want_write = false, true
+    elseif tostring(herr):find("certificate verify failed", 1, true) then
+      return finish(false, "certificate not trusted (" .. tostring(herr) .. ")")
     else return finish(false, "TLS handshake failed: " .. tostring(herr)) end
   end
   w.on_readable, w.on_writable = step, step

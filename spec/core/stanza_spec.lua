@@ -115,10 +115,13 @@ describe("xmppsm.stanza", function()
       assert.equal("<presence type='unavailable'/>", tostring(stanza.presence({ type = "unavailable" })))
     end)
 
-    it("iq requires id and type", function()
+    it("iq requires a type, and generates distinct ids when none is given", function()
       assert.has_error(function() stanza.iq() end)
-      assert.has_error(function() stanza.iq({ type = "get" }) end,
-        "iq: an id attribute (a string) is required")
+      assert.has_error(function() stanza.iq({ type = "get", id = 5 }) end,
+        "iq: the id attribute must be a string")
+      local a, b = stanza.iq({ type = "get" }), stanza.iq({ type = "get" })
+      assert.is_string(a.attr.id)
+      assert.not_equal(a.attr.id, b.attr.id)
       assert.has_error(function() stanza.iq({ id = "1" }) end, "iq: a type attribute (a string) is required")
       assert.equal("iq", stanza.iq({ id = "1", type = "set" }).name)
     end)

@@ -88,7 +88,10 @@ function Peer:on_readable()
   while true do
     local data, err, partial = self.sock:receive(65536)
     local got = data or partial
-    if got and #got > 0 then self:_feed(got) end
+    if got and #got > 0 then
+      self.raw_received = self.raw_received .. got
+      self:_feed(got)
+    end
     if not data then
       if err ~= "timeout" then self:close() end
       break
@@ -113,7 +116,7 @@ function fakeserver.start(script)
     sock:settimeout(0)
     server.connections = server.connections + 1
     local peer = setmetatable({
-      sock = sock, inbox = {},
+      sock = sock, inbox = {}, raw_received = "",
       parser = core.parser{ stanza_mt = stanza.metatable },
     }, Peer)
     server.peers[#server.peers + 1] = peer
@@ -134,7 +137,8 @@ function fakeserver.start(script)
 end
 
 --- The usual start of a script: stream header, SASL PLAIN accepted (without TLS), restart,
--- bind to `resource`. Returns the bound full JID.
+-- features with bind (plus `opts.features`), then resource binding unless `opts.skip_bind`.
+-- Returns the bound full JID.
 function fakeserver.login(peer, opts)
   opts = opts or {}
   local domain = opts.domain or "example.test"
@@ -150,10 +154,19 @@ function fakeserver.login(peer, opts)
   peer:open_stream(domain)
   peer:send("<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>" ..
             (opts.features or "") .. "</stream:features>")
-  local bind = peer:read()
-  local full = (opts.user or "user") .. "@" .. domain .. "/" .. (opts.resource or "fake")
+  if opts.skip_bind then return nil end
+  return fakeserver.bind(peer, nil, opts)
+end
+
+--- Answers the client's bind request (`iq`, or the next element read). Returns the full JID.
+function fakeserver.bind(peer, iq, opts)
+  opts = opts or {}
+  iq = iq or peer:read()
+  assert(iq.name == "iq", "expected the bind iq, got <" .. iq.name .. "/>")
+  local full = (opts.user or "user") .. "@" .. (opts.domain or "example.test") .. "/" ..
+               (opts.resource or "fake")
   peer:send(string.format("<iq type='result' id='%s'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>" ..
-                          "<jid>%s</jid></bind></iq>", bind.attr.id, full))
+                          "<jid>%s</jid></bind></iq>", iq.attr.id, full))
   return full
 end
 

@@ -1,0 +1,220 @@
+/* Files: what Lua's io library cannot do and the persistence store needs (xmppsm.store):
+ * durable writes (fsync), an exclusive lock, private permissions, close-on-exec descriptors,
+ * and a fast checksum for journal records. */
+#define _DEFAULT_SOURCE /* flock, O_CLOEXEC, O_DIRECTORY, fdopen, fileno */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "xmppsm.h"
+
+/* The luaL_Stream behind a Lua file handle; misuse (not a file, a closed file) raises. */
+static FILE *check_stream(lua_State *L, int idx) {
+    luaL_Stream *p = (luaL_Stream *)luaL_checkudata(L, idx, LUA_FILEHANDLE);
+    if (p->closef == NULL || p->f == NULL)
+        luaL_argerror(L, idx, "attempt to use a closed file");
+    return p->f;
+}
+
+static int push_errno(lua_State *L, const char *what, const char *name, int err) {
+    lua_pushnil(L);
+    if (name != NULL)
+        lua_pushfstring(L, "%s %s: %s", what, name, strerror(err));
+    else
+        lua_pushfstring(L, "%s: %s", what, strerror(err));
+    lua_pushinteger(L, err);
+    return 3;
+}
+
+/* core.fsync(file): the bytes written through this handle reach the disk before it returns. */
+static int file_fsync(lua_State *L) {
+    FILE *f = check_stream(L, 1);
+    if (fflush(f) != 0)
+        return push_errno(L, "fflush", NULL, errno);
+    if (fsync(fileno(f)) != 0)
+        return push_errno(L, "fsync", NULL, errno);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* core.lock(file): flock, not fcntl, because fcntl locks belong to the process: a second
+ * open of the same file in the same process would "succeed", and closing any descriptor of
+ * the file would silently drop the lock. flock locks belong to the open file description, so
+ * two store objects in one process exclude each other as two processes do. */
+static int file_lock(lua_State *L) {
+    FILE *f = check_stream(L, 1);
+    int rc;
+    do {
+        rc = flock(fileno(f), LOCK_EX | LOCK_NB);
+    } while (rc != 0 && errno == EINTR);
+    if (rc != 0) {
+        if (errno == EWOULDBLOCK) {
+            lua_pushnil(L);
+            lua_pushliteral(L, "locked");
+            return 2;
+        }
+        return push_errno(L, "flock", NULL, errno);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* core.fsync_dir(path): makes a rename or a file creation in the directory durable. */
+static int file_fsync_dir(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return push_errno(L, "open", path, errno);
+    if (fsync(fd) != 0) {
+        int err = errno;
+        close(fd);
+        return push_errno(L, "fsync", path, err);
+    }
+    close(fd);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* closef of the handles made by core.open_file; io.close and __gc call it once. */
+static int stream_close(lua_State *L) {
+    luaL_Stream *p = (luaL_Stream *)luaL_checkudata(L, 1, LUA_FILEHANDLE);
+    int ok = fclose(p->f) == 0;
+    return luaL_fileresult(L, ok, NULL);
+}
+
+/* core.open_file(path, mode [, perm]): a standard Lua file handle, opened close-on-exec (a
+ * child started with os.execute or io.popen must not inherit it: an inherited lock file
+ * would keep the lock alive after we exit) and created with `perm` (default 0600). */
+static int file_open(lua_State *L) {
+    static const struct { const char *mode; int flags; } modes[] = {
+        { "r", O_RDONLY },
+        { "r+", O_RDWR },
+        { "w", O_WRONLY | O_CREAT | O_TRUNC },
+        { "w+", O_RDWR | O_CREAT | O_TRUNC },
+        { "a", O_WRONLY | O_CREAT | O_APPEND },
+        { "a+", O_RDWR | O_CREAT | O_APPEND },
+    };
+    const char *path = luaL_checkstring(L, 1);
+    const char *mode = luaL_checkstring(L, 2);
+    lua_Integer perm = luaL_optinteger(L, 3, 0600);
+    int flags = -1;
+    size_t i;
+    for (i = 0; i < sizeof modes / sizeof modes[0]; i++) {
+        if (strcmp(mode, modes[i].mode) == 0) {
+            flags = modes[i].flags;
+            break;
+        }
+    }
+    luaL_argcheck(L, flags >= 0, 2, "mode must be one of r, r+, w, w+, a, a+");
+    luaL_argcheck(L, perm >= 0 && perm <= 07777, 3, "permission bits out of range");
+
+    /* The userdata first: were it to fail for lack of memory, no descriptor would leak. With
+     * closef NULL the io library treats it as closed until fdopen succeeds. */
+    luaL_Stream *p = (luaL_Stream *)lua_newuserdatauv(L, sizeof(luaL_Stream), 0);
+    p->f = NULL;
+    p->closef = NULL;
+    luaL_setmetatable(L, LUA_FILEHANDLE);
+
+    int fd;
+    do {
+        fd = open(path, flags | O_CLOEXEC, (mode_t)perm);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return push_errno(L, "open", path, errno);
+    p->f = fdopen(fd, mode);
+    if (p->f == NULL) {
+        int err = errno;
+        close(fd);
+        return push_errno(L, "fdopen", path, err);
+    }
+    p->closef = stream_close;
+    return 1;
+}
+
+/* core.mkdirs(path [, perm]): creates `path` and its missing parents with `perm` (default
+ * 0700), like mkdir -p; existing directories keep their permissions. */
+static int file_mkdirs(lua_State *L) {
+    size_t len;
+    const char *path = luaL_checklstring(L, 1, &len);
+    lua_Integer perm = luaL_optinteger(L, 2, 0700);
+    luaL_argcheck(L, len > 0, 1, "empty path");
+    luaL_argcheck(L, strlen(path) == len, 1, "path contains a zero byte");
+    luaL_argcheck(L, perm >= 0 && perm <= 07777, 2, "permission bits out of range");
+
+    /* Scratch copy owned by the GC, cut at each '/' in turn. */
+    char *buf = (char *)lua_newuserdatauv(L, len + 1, 0);
+    memcpy(buf, path, len + 1);
+    size_t i;
+    for (i = 1; i <= len; i++) {
+        if (i < len && buf[i] != '/')
+            continue;
+        if (buf[i - 1] == '/') /* "//" or a trailing '/' */
+            continue;
+        char saved = buf[i];
+        buf[i] = '\0';
+        if (mkdir(buf, (mode_t)perm) != 0 && errno != EEXIST)
+            return push_errno(L, "mkdir", buf, errno);
+        buf[i] = saved;
+    }
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return push_errno(L, "stat", path, errno);
+    if (!S_ISDIR(st.st_mode))
+        return push_errno(L, "mkdir", path, ENOTDIR);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* core.crc32(s [, i [, j]]): CRC-32 (ISO-HDLC, as zlib) of s:sub(i, j), an integer. The range
+ * lets a reader check a record in place without copying it out of the file's contents. */
+static int file_crc32(lua_State *L) {
+    const uint32_t *table = (const uint32_t *)lua_touserdata(L, lua_upvalueindex(1));
+    size_t len;
+    const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
+    lua_Integer i = luaL_optinteger(L, 2, 1);
+    lua_Integer j = luaL_optinteger(L, 3, -1);
+    lua_Integer n = (lua_Integer)len;
+    /* string.sub's rules: negative counts from the end, out-of-range is clamped. */
+    if (i < 0)
+        i = (i < -n) ? 1 : n + i + 1;
+    else if (i == 0)
+        i = 1;
+    if (j < 0)
+        j = (j < -n) ? 0 : n + j + 1;
+    else if (j > n)
+        j = n;
+    uint32_t crc = 0xFFFFFFFFu;
+    for (lua_Integer k = i - 1; k < j; k++)
+        crc = table[(crc ^ s[k]) & 0xFFu] ^ (crc >> 8);
+    lua_pushinteger(L, (lua_Integer)(crc ^ 0xFFFFFFFFu));
+    return 1;
+}
+
+void xmppsm_open_file(lua_State *L) {
+    static const luaL_Reg funcs[] = {
+        { "fsync", file_fsync },
+        { "lock", file_lock },
+        { "fsync_dir", file_fsync_dir },
+        { "open_file", file_open },
+        { "mkdirs", file_mkdirs },
+        { NULL, NULL },
+    };
+    luaL_setfuncs(L, funcs, 0);
+
+    /* The CRC table lives in a userdata upvalue: no global state shared between Lua states. */
+    uint32_t *table = (uint32_t *)lua_newuserdatauv(L, 256 * sizeof(uint32_t), 0);
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        table[n] = c;
+    }
+    lua_pushcclosure(L, file_crc32, 1);
+    lua_setfield(L, -2, "crc32");
+}

@@ -1,0 +1,236 @@
+-- Stream Management against a real Prosody, through a fault-injecting proxy: every stanza is
+-- delivered exactly once and acknowledged exactly once, whatever happens to the link.
+local xmppsm = require "xmppsm"
+local prosody = require "helpers.prosody"
+local process = require "helpers.process"
+local proxy_helper = require "helpers.proxy"
+local wait = require "helpers.wait"
+local stanza = xmppsm.stanza
+
+local DOMAIN = "xmppsm.test"
+
+describe("stream management against Prosody", function()
+  local server, clients
+
+  setup(function()
+    server = prosody.start{ domain = DOMAIN, hibernation = 3,
+                            users = { { "alice", "pw-alice" }, { "bob", "pw-bob" } } }
+  end)
+  teardown(function()
+    if server then server:stop() end
+    process.stop_all()
+  end)
+  before_each(function() clients = {} end)
+  after_each(function()
+    for _, c in ipairs(clients) do if c:status() ~= "closed" then c:close(1) end end
+    wait.until_true(function()
+      for _, c in ipairs(clients) do if c:status() ~= "closed" then return false end end
+      return true
+    end, 5, "clients to close")
+  end)
+
+  local function new_client(user, port, sm_opts, extra)
+    local opts = {
+      jid = user .. "@" .. DOMAIN, password = "pw-" .. user, host = "127.0.0.1",
+      port = port or server.port, cafile = server.cafile, reconnect_delay = 0.05,
+      reconnect_max_delay = 0.5, connect_timeout = 5, logger = function() end,
+      sm = sm_opts or { store = false },
+    }
+    for k, v in pairs(extra or {}) do opts[k] = v end
+    local c = xmppsm.client(opts)
+    clients[#clients + 1] = c
+    return c
+  end
+
+  local function online(c)
+    c:connect()
+    wait.until_true(function() return c:status() == "online" end, 10, c.bare_jid .. " online")
+  end
+
+  -- Receives messages on `c`, counting each body; returns the table of counts.
+  local function receiver(c)
+    local seen = { total = 0, dups = 0 }
+    c:on("message", function(m)
+      local body = m:get_child_text("body")
+      if body then
+        seen.total = seen.total + 1
+        if seen[body] then seen.dups = seen.dups + 1 end
+        seen[body] = (seen[body] or 0) + 1
+      end
+    end)
+    return seen
+  end
+
+  -- Counts the outcomes on `c`: acked bodies and failed bodies.
+  local function outcomes(c)
+    local o = { acked = {}, failed = {}, nacked = 0, nfailed = 0, dup_acks = 0 }
+    c:on("ackedStanza", function(st)
+      local body = st:get_child_text("body")
+      if body then
+        if o.acked[body] or o.failed[body] then o.dup_acks = o.dup_acks + 1 end
+        o.acked[body] = true
+        o.nacked = o.nacked + 1
+      end
+    end)
+    c:on("fail", function(st)
+      local body = st:get_child_text("body")
+      if body then
+        if o.acked[body] or o.failed[body] then o.dup_acks = o.dup_acks + 1 end
+        o.failed[body] = true
+        o.nfailed = o.nfailed + 1
+      end
+    end)
+    return o
+  end
+
+  local function msg(to, body)
+    return stanza.message({ to = to, type = "chat" }, body)
+  end
+
+  it("acknowledges every stanza once, with ackedStanza, ackedRaw, ack and the callback", function()
+    local a, b = new_client("alice"), new_client("bob")
+    local seen = receiver(b)
+    local out = outcomes(a)
+    local raws, acks, callbacks = 0, 0, {}
+    a:on("ackedRaw", function(raw) assert.is_string(raw) raws = raws + 1 end)
+    a:on("ack", function() acks = acks + 1 end)
+    local enabled
+    a:on("smEnabled", function(info) enabled = info end)
+    online(a) online(b)
+    assert.is_true(enabled.resume)
+    for i = 1, 50 do
+      assert.is_true(a:send(msg("bob@" .. DOMAIN, "m" .. i), function(ok, err)
+        callbacks[#callbacks + 1] = { i, ok, err }
+      end))
+    end
+    wait.until_true(function() return out.nacked == 50 and seen.total == 50 end, 10, "50 acks")
+    assert.equal(0, out.dup_acks)
+    assert.equal(0, out.nfailed)
+    assert.equal(0, seen.dups)
+    assert.equal(50, #callbacks)
+    for i, cb in ipairs(callbacks) do
+      assert.same({ i, true, nil }, { cb[1], cb[2], cb[3] })
+    end
+    -- The initial presence is acknowledged too, like every stanza.
+    wait.until_true(function() return raws == 51 and acks == 51 end, 5, "raw acks")
+    local state = a:sm_state()
+    assert.is_true(state.enabled)
+    assert.is_true(state.resumable)
+    assert.equal(0, state.unacked)
+    assert.equal(51, state.acked)
+    assert.is_number(state.rtt_avg)
+  end)
+
+  it("delivers 1,000 messages exactly once through several cuts, each acknowledged once", function()
+    local proxy = proxy_helper.start{ target_port = server.port }
+    local a, b = new_client("alice", proxy.port), new_client("bob")
+    local seen = receiver(b)
+    local out = outcomes(a)
+    local rec = wait.recorder(a, { "resumed", "online", "resumeFailed" })
+    online(a) online(b)
+    local faults = {
+      function() proxy:cut("rst") end,
+      function() proxy:cut_after(37, "c2s") end,     -- mid-stanza towards the server
+      function() proxy:cut_after(23, "s2c") end,     -- mid-ack towards the client
+      function() proxy:cut("fin") end,
+    }
+    -- A fault is armed every 200 messages; once it has cut the link, the proxy goes back to
+    -- normal (cut_after rules also apply to new connections until then).
+    local N, sent, fault, armed_at = 1000, 0, 0, nil
+    local drops = wait.recorder(a, { "disconnected" })
+    while sent < N or armed_at do
+      if sent < N then
+        for _ = 1, 25 do
+          sent = sent + 1
+          assert.is_true(a:send(msg("bob@" .. DOMAIN, "m" .. sent)))
+        end
+      end
+      if armed_at and drops.count("disconnected") > armed_at then
+        proxy:resume()
+        armed_at = nil
+      elseif not armed_at and sent % 200 == 0 and fault < #faults then
+        fault = fault + 1
+        armed_at = drops.count("disconnected")
+        faults[fault]()
+      end
+      wait.for_seconds(0.01)
+    end
+    wait.until_true(function() return seen.total >= N and out.nacked == N end, 30,
+                    "every message and ack (seen " .. seen.total .. ", acked " .. out.nacked .. ")")
+    wait.for_seconds(0.3)   -- anything duplicated would show up now
+    for i = 1, N do
+      assert.equal(1, seen["m" .. i], "message m" .. i)
+      assert.is_true(out.acked["m" .. i], "ack of m" .. i)
+    end
+    assert.equal(N, seen.total)
+    assert.equal(0, out.dup_acks)
+    assert.equal(0, out.nfailed)
+    assert.equal(1, rec.count("online"))
+    assert.equal(0, rec.count("resumeFailed"))
+    assert.is_true(a:sm_state().resumes >= #faults)
+    assert.equal(a:sm_state().resumes, rec.count("resumed"))
+    proxy:stop()
+  end)
+
+  it("notices a silent link within the ack timeout and resumes", function()
+    local proxy = proxy_helper.start{ target_port = server.port }
+    local a = new_client("alice", proxy.port, { store = false, ack_interval = 0.5, ack_timeout = 1 })
+    local b = new_client("bob")
+    local seen = receiver(b)
+    local rec = wait.recorder(a, { "disconnected", "resumed" })
+    online(a) online(b)
+    proxy:silence()
+    local t0 = require("xmppsm.core").monotime()
+    a:send(msg("bob@" .. DOMAIN, "during-silence"))
+    wait.until_true(function() return rec.count("disconnected") == 1 end, 5, "the dead link to be noticed")
+    local noticed = require("xmppsm.core").monotime() - t0
+    assert.is_true(noticed <= 0.5 + 1 + 0.5, "noticed after " .. noticed .. " s")
+    proxy:resume()
+    wait.until_true(function() return rec.count("resumed") == 1 end, 10, "resumption")
+    wait.until_true(function() return seen["during-silence"] == 1 end, 5, "the message")
+    proxy:stop()
+  end)
+
+  local function expired_session_case(policy)
+    local proxy = proxy_helper.start{ target_port = server.port }
+    local a = new_client("alice", proxy.port, { store = false, leftovers = policy, ack_timeout = 30 })
+    local b = new_client("bob")
+    local seen = receiver(b)
+    local out = outcomes(a)
+    local rec = wait.recorder(a, { "online", "resumed", "resumeFailed" })
+    online(a) online(b)
+    proxy:silence()
+    a:send(msg("bob@" .. DOMAIN, "in-flight"))          -- written, never reaches the server
+    wait.for_seconds(0.2)
+    proxy:refuse(0)
+    proxy:cut("rst")
+    wait.until_true(function() return a:status() ~= "online" end, 5, "the cut to be noticed")
+    a:send(msg("bob@" .. DOMAIN, "while-down"))         -- accepted while disconnected
+    wait.for_seconds(3 + 1.5)                           -- longer than the hibernation time
+    proxy:resume()
+    wait.until_true(function() return rec.count("online") == 2 end, 15, "a new session")
+    assert.equal(1, rec.count("resumeFailed"))
+    assert.equal(0, rec.count("resumed"))
+    return proxy, seen, out, rec
+  end
+
+  it("sets up a new session when resumption comes too late, and re-sends the leftovers", function()
+    local proxy, seen, out = expired_session_case("resend")
+    wait.until_true(function() return seen["in-flight"] and seen["while-down"] end, 5, "both messages")
+    wait.until_true(function() return out.acked["in-flight"] and out.acked["while-down"] end, 5, "acks")
+    assert.equal(1, seen["in-flight"])
+    assert.equal(1, seen["while-down"])
+    assert.equal(0, out.nfailed)
+    proxy:stop()
+  end)
+
+  it("fails the leftovers of an expired session when the policy says so", function()
+    local proxy, seen, out = expired_session_case("fail")
+    wait.until_true(function() return out.failed["in-flight"] end, 5, "the failure")
+    -- Sent after the cut, never written to any stream: not a leftover, it goes out.
+    wait.until_true(function() return seen["while-down"] == 1 end, 5, "the later message")
+    assert.is_nil(seen["in-flight"])
+    assert.is_nil(out.acked["in-flight"])
+    proxy:stop()
+  end)
+end)
