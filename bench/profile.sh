@@ -35,5 +35,7 @@ for name in mixed large; do
   echo "== callgrind: frame $name-small, inclusive instructions (2 passes)"
   valgrind --tool=callgrind --dump-instr=no --callgrind-out-file="$OUT/callgrind-$name.out" \
     $HOST bench/worker.lua frame ours "$OUT/$name-small.xml" 4096 2 >/dev/null 2>&1
-  callgrind_annotate --inclusive=yes "$OUT/callgrind-$name.out" 2>/dev/null | grep -E '^ *[0-9,]+ \(' | head -"$TOP"
+  callgrind_annotate --inclusive=yes "$OUT/callgrind-$name.out" 2>/dev/null | grep -E '^ *[0-9,]+ \(' |
+    grep -vE 'below main|libc-start|libc_start|ld-linux|luaD_|lua_pcallk|f_call|luaV_execute|prof_host\.c:main' |
+    head -"$TOP"
 done

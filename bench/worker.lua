@@ -180,7 +180,10 @@ elseif mode == "memory" then
   end
   feed(gen.HEADER)
   while fed < goal do
-    for c = 1, #chunks do feed(chunks[c]) end
+    for c = 1, #chunks do
+      feed(chunks[c])
+      if fed >= goal then break end
+    end
   end
   io.write(("%d %d %d %d\n"):format(stanzas, fed, before, vmhwm()))
 elseif mode == "check" then
