@@ -16,6 +16,7 @@ local concat, fmt = table.concat, string.format
 local REPS = tonumber(os.getenv("BENCH_REPS") or "") or 3
 local PASSES = tonumber(os.getenv("BENCH_PASSES") or "") or 2
 local CALLGRIND = os.getenv("BENCH_CALLGRIND") ~= "0"
+  and os.execute("command -v valgrind >/dev/null 2>&1") == true
 local LUA = os.getenv("LUA") or "lua5.4"
 local OUT = "build/bench"
 local FLOOR = OUT .. "/expat_floor"
