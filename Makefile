@@ -63,17 +63,20 @@ build/asan/xmppsm/core.so: $(CORE_SRC) $(CORE_HDR)
 	$(CC) $(SAN_FLAGS) $(WARNFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -I$(EXPAT_INCDIR) \
 	  -I$(OPENSSL_INCDIR) $(CORE_SRC) -o $@ $(LIBFLAG) $(CORE_LIBS)
 
-# Every test: lint, all specs, the core's specs under ASan+UBSan, the rock build, a short fuzz run.
-# It keeps going after a failure so the closing line counts everything, then fails if anything did.
+# Every test: lint, all specs, the core's specs under ASan+UBSan and under valgrind, the rock
+# build, a short fuzz run. It keeps going after a failure so the closing line counts
+# everything, then fails if anything did.
+SUITE = XMPPSM_SUMMARY=$(SUMMARY) spec/helpers/suite.sh
 test: all build/asan/xmppsm/core.so
-	@mkdir -p build; rm -f $(SUMMARY); extra=0; \
-	$(MAKE) --no-print-directory lint || extra=$$((extra+1)); \
-	XMPPSM_SUMMARY=$(SUMMARY) $(BUSTED) || true; \
-	echo "== core specs under AddressSanitizer + UndefinedBehaviorSanitizer"; \
-	XMPPSM_SUMMARY=$(SUMMARY) $(ASAN_ENV) $(BUSTED) --run=core --cpath='build/asan/?.so' || true; \
-	$(MAKE) --no-print-directory rock-check || extra=$$((extra+1)); \
-	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30 || extra=$$((extra+1)); \
-	$(LUA) spec/helpers/total.lua $(SUMMARY) $$extra
+	@mkdir -p build; rm -f $(SUMMARY)
+	@$(SUITE) check "luacheck" $(MAKE) --no-print-directory lint
+	@$(SUITE) busted "all specs" timeout 1200 $(BUSTED)
+	@$(SUITE) busted "core specs under AddressSanitizer + UndefinedBehaviorSanitizer" \
+	  timeout 1200 env $(ASAN_ENV) $(BUSTED) --run=core --cpath='build/asan/?.so'
+	@$(SUITE) busted "core specs under valgrind" timeout 2400 $(MAKE) --no-print-directory valgrind
+	@$(SUITE) check "LuaRocks build into a temporary tree" $(MAKE) --no-print-directory rock-check
+	@$(SUITE) check "parser fuzzing, 30 s" $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30
+	@$(LUA) spec/helpers/total.lua $(SUMMARY)
 
 test-unit: all
 	$(BUSTED) --run=core

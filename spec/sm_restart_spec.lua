@@ -79,3 +79,24 @@ describe("a bot killed with SIGKILL and restarted", function()
     end)
   end
 end)
+
+describe("a client whose store file is damaged", function()
+  it("reports it as an error event when it connects and starts a fresh session", function()
+    local dir = process.tmpdir("xmppsm-corrupt")
+    finally(function() os.execute("rm -rf " .. process.quote(dir)) end)
+    local path = dir .. "/alice.sm"
+    local f = assert(io.open(path, "wb"))
+    f:write("\137XSM\r\n\26\n" .. string.rep("garbage", 20))
+    f:close()
+    local c = xmppsm.client{ jid = "alice@example.test", password = "x", host = "127.0.0.1",
+                             port = process.free_port(), reconnect = false, logger = function() end,
+                             sm = { store = path } }
+    local errors = {}
+    c:on("error", function(e) errors[#errors + 1] = e end)
+    c:connect()
+    wait.until_true(function() return c:status() == "closed" end, 5, "the attempt to fail")
+    assert.equal("store-corrupt", errors[1].condition)
+    assert.equal(0, c:sm_state().unacked)
+    assert.is_false(c:sm_state().resumable)
+  end)
+end)

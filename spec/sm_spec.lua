@@ -138,7 +138,9 @@ describe("stream management against Prosody", function()
     -- normal (cut_after rules also apply to new connections until then).
     local N, sent, fault, armed_at = 1000, 0, 0, nil
     local drops = wait.recorder(a, { "disconnected" })
+    local deadline = require("xmppsm.core").monotime() + 60
     while sent < N or armed_at do
+      assert(require("xmppsm.core").monotime() < deadline, "stuck at " .. sent .. ", fault " .. fault)
       if sent < N then
         for _ = 1, 25 do
           sent = sent + 1
@@ -184,7 +186,8 @@ describe("stream management against Prosody", function()
     a:send(msg("bob@" .. DOMAIN, "during-silence"))
     wait.until_true(function() return rec.count("disconnected") == 1 end, 5, "the dead link to be noticed")
     local noticed = require("xmppsm.core").monotime() - t0
-    assert.is_true(noticed <= 0.5 + 1 + 0.5, "noticed after " .. noticed .. " s")
+    -- Within one idle interval plus the ack timeout (and slack for a loaded machine).
+    assert.is_true(noticed <= 0.5 + 1 + 1.5, "noticed after " .. noticed .. " s")
     proxy:resume()
     wait.until_true(function() return rec.count("resumed") == 1 end, 10, "resumption")
     wait.until_true(function() return seen["during-silence"] == 1 end, 5, "the message")

@@ -76,6 +76,7 @@ function client.new(opts)
     local st = sm_opts.store
     local rest = {}
     for k, v in pairs(sm_opts) do if k ~= "store" then rest[k] = v end end
+    sm.check_options(rest)   -- before the store is opened: a typo must not leave files behind
     local the_store
     if st == nil or type(st) == "string" then
       local path = st or store.default_path(self.bare_jid)
@@ -173,6 +174,10 @@ function Client:connect()
     loop.retain()
   end
   self.closing = false
+  if self.sm and self.sm.store_warning then
+    self.events:fire("error", self.sm.store_warning)
+    self.sm.store_warning = nil
+  end
   self:_attempt()
   return self
 end

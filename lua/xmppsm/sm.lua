@@ -32,7 +32,8 @@ sm.defaults = {
   durability = "write",   -- "fsync", "write" or "none" (see xmppsm.store)
 }
 
-local function check_options(given)
+--- Checks the client's `sm` table (unknown names raise) and returns it with defaults filled in.
+function sm.check_options(given)
   local o = {}
   for k, v in pairs(sm.defaults) do o[k] = v end
   for k, v in pairs(given or {}) do
@@ -54,7 +55,7 @@ end
 
 --- Creates the Stream Management layer of `client` with the client's `sm` option table.
 function sm.new(client, given, store)
-  local o = check_options(given)
+  local o = sm.check_options(given)
   local self = setmetatable({
     client = client,
     opts = o,
@@ -82,7 +83,8 @@ function SM:_restore(store)
   end
   if warning then
     self.client:_log("warn", "stream management store: " .. warning)
-    self.client.events:fire("error", xmperror.new("sm", "store-corrupt", warning))
+    -- Handlers are added after construction: the client reports it when it connects.
+    self.store_warning = xmperror.new("sm", "store-corrupt", warning)
   end
   if not state then return end
   self.session = state.session

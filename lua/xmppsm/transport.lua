@@ -15,6 +15,11 @@ Transport.__index = Transport
 local READ_SIZE = 65536
 local TLS_OPTIONS = { "no_sslv2", "no_sslv3", "no_tlsv1", "no_tlsv1_1", "no_compression" }
 
+-- Errors that only mean "not now" on a non-blocking socket.
+local function transient(err)
+  return err == "timeout" or err == "wantread" or err == "wantwrite"
+end
+
 --- Creates a transport. `opts.on_data(bytes)` and `opts.on_close(reason)` are required;
 -- `opts.on_drain()` (optional) is called when everything queued was written.
 function transport.new(opts)
@@ -192,6 +197,7 @@ end
 --- Queues bytes for writing and writes what the socket takes now.
 function Transport:send(data)
   if self.closed then return nil, "closed" end
+  if self.broken then return nil, self.broken end
   self.out[#self.out + 1] = data
   if not self.want_write then self:_flush() end
   return true
@@ -205,6 +211,7 @@ function Transport:pending()
 end
 
 function Transport:_flush()
+  if self.broken then return end
   local out = self.out
   while out[1] do
     if #out > 1 then
@@ -222,11 +229,12 @@ function Transport:_flush()
       self.out_pos = 1
     else
       if sent and sent >= self.out_pos then self.out_pos = sent + 1 end
-      if err == "timeout" or err == "wantwrite" or err == "wantread" then
+      if transient(err) then
         self.want_write = true
         return
       end
-      return self:close(err or "write failed")
+      self.broken = err or "write failed"
+      return self:close(self.broken)
     end
   end
   self.want_write = false
@@ -241,11 +249,17 @@ function Transport:on_readable()
   local sock = self.sock
   while not self.closed do
     local data, err, partial = sock:receive(READ_SIZE)
+    if not data and not transient(err) then
+      -- After a failed TLS read, LuaSec can spin forever inside a write (SSL_write failing
+      -- with errno 0 reads as "sent nothing, no error"): the handlers of the last bytes must
+      -- not write any more.
+      self.broken = err
+    end
     local got = data or partial
     if got and #got > 0 then self.on_data(got) end
     if self.closed then return end
     if not data then
-      if err == "timeout" or err == "wantread" or err == "wantwrite" then return end
+      if not self.broken then return end
       return self:close(err == "closed" and "connection closed by peer" or tostring(err))
     end
   end
@@ -262,7 +276,7 @@ end
 
 --- Closes after writing what is queued, giving up after `timeout` seconds.
 function Transport:close_after_flush(timeout, reason)
-  if not self.want_write then return self:close(reason) end
+  if not self.want_write or self.broken then return self:close(reason) end
   self.on_drain = function() self:close(reason) end
   loop.after(timeout, function() self:close(reason) end)
 end
