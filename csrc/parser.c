@@ -173,7 +173,7 @@ static const char *raw_at(const parser_t *p, uint64_t pos) {
 
 static void set_error(parser_t *p, const char *cond, uint64_t pos, const char *fmt, ...) {
     va_list ap;
-    if (p->stop != STOP_NONE && p->stop != STOP_REBASE) return;
+    if (p->stop != STOP_NONE) return; /* the first reason to stop wins */
     p->stop = STOP_ERROR;
     p->stop_pos = pos;
     p->err_cond = cond;
