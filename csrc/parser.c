@@ -52,7 +52,7 @@ enum { STOP_NONE, STOP_ERROR, STOP_PAUSE, STOP_REBASE };
 enum {
     REC_HEADER = 1, /* nattr, attrs..., end */
     REC_BEGIN,      /* start: a stanza's first byte */
-    REC_OPEN,       /* name, nattr, attrs... */
+    REC_OPEN,       /* children, element children (u32 each, filled in at its end), name, nattr, attrs */
     REC_TEXT,       /* text (grows while more text for the same element arrives) */
     REC_CLOSE,      /* end of the innermost open element */
     REC_END,        /* end: one past the stanza's last byte */
@@ -75,6 +75,13 @@ typedef struct {
     size_t nslen;
     lua_Integer nchild, ntag;
 } level_t;
+
+/* Per-depth state of the elements expat has open: where their REC_OPEN is on the tape and how
+ * many children they have so far, so the walk can create tables of the right size. */
+typedef struct {
+    size_t rec;
+    uint32_t nchild, ntag;
+} frame_t;
 
 typedef struct {
     XML_Parser xp; /* NULL once closed */
@@ -99,6 +106,7 @@ typedef struct {
     buf_t header; /* the header's raw bytes, replayed into expat on rebase */
     buf_t tape;
     size_t tape_done; /* tape bytes that form complete units */
+    size_t units;     /* complete units on the tape */
     size_t open_text; /* offset of the text record that still grows, or NO_TEXT */
     buf_t rest;       /* bytes kept unparsed while paused or failed, returned by reset */
 
@@ -110,7 +118,8 @@ typedef struct {
     const char *err_cond;
     char err_text[200];
 
-    level_t *levels; /* max_depth + 1 entries */
+    level_t *levels; /* max_depth + 1 entries, by depth in the stanza from 0 */
+    frame_t *frames; /* max_depth + 1 entries, by depth in the stanza from 1 */
 } parser_t;
 
 /* ---- byte buffers ---------------------------------------------------------------------- */
@@ -164,7 +173,7 @@ static const char *raw_at(const parser_t *p, uint64_t pos) {
 
 static void set_error(parser_t *p, const char *cond, uint64_t pos, const char *fmt, ...) {
     va_list ap;
-    if (p->stop != STOP_NONE && p->stop != STOP_REBASE) return;
+    if (p->stop != STOP_NONE) return; /* the first reason to stop wins */
     p->stop = STOP_ERROR;
     p->stop_pos = pos;
     p->err_cond = cond;
@@ -258,13 +267,32 @@ static char *put_attrs(char *w, const XML_Char **atts, int nattr) {
     return w;
 }
 
-static int rec_open(parser_t *p, const XML_Char *name, const XML_Char **atts, int nattr) {
-    size_t nlen = strlen(name);
-    char *w = tape_room(p, 1 + 4 + nlen + 1 + 4 + attrs_size(atts));
+/* An element at depth `d` in the stanza (1 for the stanza itself) opens. */
+static int rec_open(parser_t *p, int d, const XML_Char *name, const XML_Char **atts, int nattr) {
+    size_t nlen = strlen(name), at = p->tape.len;
+    char *w = tape_room(p, 1 + 8 + 4 + nlen + 1 + 4 + attrs_size(atts));
     if (w == NULL) return 0;
     *w++ = REC_OPEN;
+    w += 8; /* the child counts, written by rec_close */
     w = put_str(w, name, nlen);
     put_attrs(w, atts, nattr);
+    if (d > 1) {
+        p->frames[d - 1].nchild++;
+        p->frames[d - 1].ntag++;
+    }
+    p->frames[d].rec = at;
+    p->frames[d].nchild = p->frames[d].ntag = 0;
+    return 1;
+}
+
+/* The element at depth `d` in the stanza ends. */
+static int rec_close(parser_t *p, int d) {
+    char *w = tape_room(p, 1);
+    if (w == NULL) return 0;
+    *w = REC_CLOSE;
+    w = p->tape.p + p->frames[d].rec + 1;
+    w = put_u32(w, p->frames[d].nchild);
+    put_u32(w, p->frames[d].ntag);
     return 1;
 }
 
@@ -303,10 +331,12 @@ static void rec_text(parser_t *p, const XML_Char *s, int len) {
     *w++ = REC_TEXT;
     put_str(w, s, (size_t)len);
     p->open_text = at;
+    p->frames[p->depth - 1].nchild++;
 }
 
 static void unit_done(parser_t *p) {
     p->tape_done = p->tape.len;
+    p->units++;
 }
 
 /* ---- expat callbacks: C only, no Lua ------------------------------------------------------ */
@@ -371,7 +401,7 @@ static void on_start(void *ud, const XML_Char *name, const XML_Char **atts) {
         p->unit_start = here(p);
         if (!rec_pos(p, REC_BEGIN, p->unit_start)) return;
     }
-    if (!rec_open(p, name, atts, nattr)) return;
+    if (!rec_open(p, p->depth, name, atts, nattr)) return;
     p->depth++;
 }
 
@@ -390,17 +420,13 @@ static void stream_end(parser_t *p) {
 static void on_end(void *ud, const XML_Char *name) {
     parser_t *p = ud;
     uint64_t end;
-    char *w;
     if (p->stop) return;
     p->depth--;
     if (p->depth == 0) {
         stream_end(p);
         return;
     }
-    w = tape_room(p, 1);
-    if (w == NULL) return;
-    *w = REC_CLOSE;
-    if (p->depth > 1) return;
+    if (!rec_close(p, p->depth) || p->depth > 1) return;
     /* a stanza is complete; for <a/> the count is 0 and the index already points past it */
     end = here_end(p);
     if (!rec_pos(p, REC_END, end)) return;
@@ -522,22 +548,38 @@ static void install_handlers(parser_t *p) {
 
 /* ---- building Lua values from the tape ---------------------------------------------------- */
 
-#define EV_INDEX 3 /* stack slot of the events table during feed */
+#define EV_INDEX 3 /* stack slot of the events table during feed (nil until needed) */
 #define MT_INDEX 4 /* stack slot of stanza_mt (or nil) during feed */
+
+/* Strings feed uses all the time, kept as its upvalues so they are pushed, not interned. */
+enum { K_NAME = 1, K_ATTR, K_TAGS, K_XMLNS, K_XMLLANG, K_HEADER, K_STANZA, K_CLOSE, K_ERROR, K_COUNT = K_ERROR };
+static const char *const feed_strings[] = {"name", "attr", "tags", "xmlns", "xml:lang", "header", "stanza",
+                                           "close", "error"};
+#define PUSH_K(L, k) lua_pushvalue((L), lua_upvalueindex(k))
 
 typedef struct {
     lua_State *L;
     parser_t *p;
     lua_Integer n; /* events so far */
+    int have_table;
 } out_t;
 
+/* Creates the events table, sized for what is known to come. */
+static void events_table(out_t *o, size_t events) {
+    if (o->have_table) return;
+    lua_createtable(o->L, (int)(3 * events), 0);
+    lua_replace(o->L, EV_INDEX);
+    o->have_table = 1;
+}
+
 /* Pushes an event's kind and its two values (already on the stack) into the events table. */
-static void emit(out_t *o, const char *kind) {
+static void emit(out_t *o, int kind) {
     lua_State *L = o->L;
     lua_Integer base = 3 * o->n;
+    events_table(o, 1);
     lua_rawseti(L, EV_INDEX, base + 3);
     lua_rawseti(L, EV_INDEX, base + 2);
-    lua_pushstring(L, kind);
+    PUSH_K(L, kind);
     lua_rawseti(L, EV_INDEX, base + 1);
     o->n++;
 }
@@ -553,10 +595,14 @@ static void push_raw(lua_State *L, const parser_t *p, uint64_t start, uint64_t e
 /* Attribute keys: "name", "xml:name" for the XML namespace, "uri\1name" for any other. */
 static void push_attr_key(lua_State *L, const char *k, size_t klen) {
     size_t xlen = sizeof XML_NS_SEP - 1;
-    if (klen > xlen && memcmp(k, XML_NS_SEP, xlen) == 0)
-        lua_pushfstring(L, "xml:%s", k + xlen);
-    else
+    if (klen > xlen && memcmp(k, XML_NS_SEP, xlen) == 0) {
+        if (strcmp(k + xlen, "lang") == 0)
+            PUSH_K(L, K_XMLLANG);
+        else
+            lua_pushfstring(L, "xml:%s", k + xlen);
+    } else {
         lua_pushlstring(L, k, klen);
+    }
 }
 
 static const char *read_attrs(lua_State *L, const char *r, int extra) {
@@ -580,13 +626,15 @@ static const char *emit_header(out_t *o, const char *r) {
     parser_t *p = o->p;
     uint64_t end;
     r = read_attrs(L, r, 1);
+    PUSH_K(L, K_XMLNS);
     lua_pushlstring(L, p->content_ns, p->content_ns_len);
-    lua_setfield(L, -2, "xmlns");
+    lua_rawset(L, -3);
     r = get_u64(r, &end);
+    if (p->raw_base != 0 || end > raw_end(p)) luaL_error(L, "xmppsm.parser: the header's bytes were dropped");
     push_raw(L, p, 0, end);
     p->header.len = 0;
     if (!buf_append(&p->header, raw_at(p, 0), (size_t)end)) luaL_error(L, "not enough memory");
-    emit(o, "header");
+    emit(o, K_HEADER);
     return r;
 }
 
@@ -596,7 +644,10 @@ static const char *open_element(out_t *o, const char *r, level_t *lv, int depth)
     parser_t *p = o->p;
     const char *name, *local, *sep, *pns;
     size_t nlen, nslen, pnslen;
+    uint32_t nchild, ntag;
     int differs;
+    r = get_u32(r, &nchild);
+    r = get_u32(r, &ntag);
     r = get_str(r, &name, &nlen);
     sep = memchr(name, '\1', nlen);
     local = sep ? sep + 1 : name;
@@ -605,24 +656,24 @@ static const char *open_element(out_t *o, const char *r, level_t *lv, int depth)
     pnslen = depth == 0 ? p->content_ns_len : lv[depth - 1].nslen;
     differs = nslen != pnslen || memcmp(name, pns, nslen) != 0;
 
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, (int)nchild, 3);
     if (p->has_mt) {
         lua_pushvalue(L, MT_INDEX);
         lua_setmetatable(L, -2);
     }
-    lua_pushliteral(L, "name");
+    PUSH_K(L, K_NAME);
     lua_pushlstring(L, local, nlen - (size_t)(local - name));
     lua_rawset(L, -3);
-    lua_pushliteral(L, "attr");
+    PUSH_K(L, K_ATTR);
     r = read_attrs(L, r, differs);
     if (differs) {
-        lua_pushliteral(L, "xmlns");
+        PUSH_K(L, K_XMLNS);
         lua_pushlstring(L, name, nslen);
         lua_rawset(L, -3);
     }
     lua_rawset(L, -3);
-    lua_createtable(L, 0, 0);
-    lua_pushliteral(L, "tags");
+    lua_createtable(L, (int)ntag, 0);
+    PUSH_K(L, K_TAGS);
     lua_pushvalue(L, -2);
     lua_rawset(L, -4);
     lv[depth].ns = name;
@@ -644,6 +695,7 @@ static const char *emit_stanza(out_t *o, const char *r) {
     for (;;) {
         switch (*r++) {
         case REC_OPEN:
+            if (depth >= p->max_depth) luaL_error(L, "xmppsm.parser: corrupt tape");
             r = open_element(o, r, lv, depth);
             depth++;
             break;
@@ -664,7 +716,7 @@ static const char *emit_stanza(out_t *o, const char *r) {
         case REC_END:
             r = get_u64(r, &end);
             push_raw(L, p, start, end);
-            emit(o, "stanza");
+            emit(o, K_STANZA);
             return r;
         default:
             return luaL_error(L, "xmppsm.parser: corrupt tape"), r;
@@ -678,7 +730,7 @@ static const char *emit_stream_end(out_t *o, const char *r) {
     r = get_u64(r, &end);
     lua_pushboolean(o->L, 0);
     push_raw(o->L, o->p, start, end);
-    emit(o, "close");
+    emit(o, K_CLOSE);
     return r;
 }
 
@@ -686,6 +738,9 @@ static const char *emit_stream_end(out_t *o, const char *r) {
 static void walk(out_t *o) {
     parser_t *p = o->p;
     const char *r = p->tape.p, *end = p->tape.p + p->tape_done;
+    int d;
+    if (p->units == 0) return;
+    events_table(o, p->units + 1);
     while (r < end) {
         switch (*r++) {
         case REC_HEADER:
@@ -703,7 +758,9 @@ static void walk(out_t *o) {
     }
     buf_drop_front(&p->tape, p->tape_done);
     if (p->open_text != NO_TEXT) p->open_text -= p->tape_done;
+    for (d = 1; d < p->depth && d <= p->max_depth; d++) p->frames[d].rec -= p->tape_done;
     p->tape_done = 0;
+    p->units = 0;
 }
 
 /* ---- feeding ----------------------------------------------------------------------------- */
@@ -757,7 +814,7 @@ static void keep_rest(out_t *o, const char *s, size_t n) {
             lua_pushliteral(o->L, "policy-violation");
             lua_pushfstring(o->L, "more than max_stanza_size (%I bytes) arrived while paused",
                             (lua_Integer)p->max_size);
-            emit(o, "error");
+            emit(o, K_ERROR);
         }
         n = room;
     }
@@ -773,7 +830,7 @@ static void stop_stream(out_t *o, int state) {
     if (state == ST_FAILED) {
         lua_pushstring(o->L, p->err_cond);
         lua_pushstring(o->L, p->err_text);
-        emit(o, "error");
+        emit(o, K_ERROR);
     }
     p->state = state;
     p->rest.len = 0;
@@ -988,6 +1045,7 @@ static void clear_stream(parser_t *p) {
     p->header.len = 0;
     p->tape.len = 0;
     p->tape_done = 0;
+    p->units = 0;
     p->open_text = NO_TEXT;
     p->rest.len = 0;
     p->replaying = 0;
@@ -1002,15 +1060,17 @@ static int l_feed(lua_State *L) {
     in.off = 0;
     if (p->busy) luaL_error(L, "xmppsm.parser: unusable after an error raised by feed; call reset()");
     lua_settop(L, 2);
-    lua_newtable(L);                  /* EV_INDEX */
+    lua_pushnil(L);                 /* EV_INDEX: created when the first event comes */
     lua_getiuservalue(L, 1, UV_MT); /* MT_INDEX */
     luaL_checkstack(L, 2 * p->max_depth + 16, "xmppsm.parser: deep stanza");
     o.L = L;
     o.p = p;
     o.n = 0;
+    o.have_table = 0;
     p->busy = 1;
     run(&o, &in);
     p->busy = 0;
+    events_table(&o, 0);
     lua_pushvalue(L, EV_INDEX);
     lua_pushinteger(L, o.n);
     return 2;
@@ -1050,6 +1110,8 @@ static void free_parser(parser_t *p) {
     buf_free(&p->rest);
     free(p->levels);
     p->levels = NULL;
+    free(p->frames);
+    p->frames = NULL;
 }
 
 /* close, __gc and __close: idempotent. */
@@ -1127,9 +1189,11 @@ static int l_parser(lua_State *L) {
     lua_pushvalue(L, 2);
     lua_setiuservalue(L, 4, UV_NS);
     p->levels = malloc(sizeof *p->levels * (size_t)(max_depth + 1));
+    p->frames = malloc(sizeof *p->frames * (size_t)(max_depth + 1));
     p->xp = XML_ParserCreateNS("UTF-8", '\1');
     /* raw and tape are never NULL while open: pointer arithmetic on them needs no special case */
-    if (p->levels == NULL || p->xp == NULL || !buf_reserve(&p->raw, 1) || !buf_reserve(&p->tape, 1)) {
+    if (p->levels == NULL || p->frames == NULL || p->xp == NULL || !buf_reserve(&p->raw, 1) ||
+        !buf_reserve(&p->tape, 1)) {
         free_parser(p);
         return luaL_error(L, "not enough memory");
     }
@@ -1139,15 +1203,19 @@ static int l_parser(lua_State *L) {
 }
 
 static const luaL_Reg parser_methods[] = {
-    {"feed", l_feed}, {"reset", l_reset}, {"state", l_state}, {"close", l_close}, {NULL, NULL}};
+    {"reset", l_reset}, {"state", l_state}, {"close", l_close}, {NULL, NULL}};
 
 static const luaL_Reg parser_meta[] = {
     {"__gc", l_close}, {"__close", l_close}, {"__tostring", l_tostring}, {NULL, NULL}};
 
 void xmppsm_open_parser(lua_State *L) {
+    int i;
     if (luaL_newmetatable(L, PARSER_MT)) {
         luaL_setfuncs(L, parser_meta, 0);
         luaL_newlib(L, parser_methods);
+        for (i = 0; i < K_COUNT; i++) lua_pushstring(L, feed_strings[i]);
+        lua_pushcclosure(L, l_feed, K_COUNT);
+        lua_setfield(L, -2, "feed");
         lua_setfield(L, -2, "__index");
         lua_pushliteral(L, PARSER_MT);
         lua_setfield(L, -2, "__name");

@@ -665,6 +665,13 @@ describe("xmppsm.core parser", function()
         "whitespace between stanzas exceeds max_stanza_size")
       expect_limit(HDR .. "<a/>" .. string.rep("\r\n", 101), opts, "header stanza",
         "whitespace between stanzas")
+      -- after the end tag too, and the end tag is a unit of its own
+      expect_ok(HDR .. CLOSE .. string.rep(" ", 200), opts, "header close")
+      expect_limit(HDR .. CLOSE .. string.rep(" ", 201), opts, "header close", "whitespace")
+      local long_end = "</stream:stream" .. string.rep(" ", 200 - #CLOSE) .. ">"
+      assert.equal(200, #long_end)
+      expect_ok(HDR .. "<a/>" .. long_end, opts, "header stanza close")
+      expect_limit(HDR .. "<a/>" .. long_end:sub(1, -2) .. " >", opts, "header stanza", "exceeds")
       -- a long stream of keepalives and stanzas: every gap is a unit of its own
       local p = core.parser(opts)
       feed(p, HDR)
