@@ -10,7 +10,9 @@ local LUA = (function()
   local p = io.popen("readlink /proc/$PPID/exe")
   local exe = p and p:read("l")
   if p then p:close() end
-  return exe or "lua5.4"
+  -- Under valgrind the process is valgrind's tool, not an interpreter a child could be.
+  if not exe or not exe:match("/lua[^/]*$") then exe = "lua5.4" end
+  return exe
 end)()
 local HELPER = "spec/helpers/store_child.lua"
 
