@@ -39,7 +39,7 @@ DEB_PACKAGES = lua5.4 liblua5.4-dev lua-socket lua-sec lua-expat libexpat1-dev l
                lua-busted luarocks lua-check lua-ldoc lua-discount prosody openssl gcc make clang \
                libclang-rt-dev valgrind
 
-.PHONY: all deps demo test test-unit test-asan valgrind lint rock-check fuzz bench doc install clean
+.PHONY: all deps demo test test-unit test-asan valgrind lint fuzz bench doc install clean
 
 all: deps xmppsm/core.so
 
@@ -75,8 +75,8 @@ build/asan/xmppsm/core.so: $(CORE_SRC) $(CORE_HDR)
 	$(CC) $(SAN_FLAGS) $(WARNFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -I$(EXPAT_INCDIR) \
 	  -I$(OPENSSL_INCDIR) $(CORE_SRC) -o $@ $(LIBFLAG) $(CORE_LIBS)
 
-# Every test: lint, all specs, the core's specs under ASan+UBSan and under valgrind, the rock
-# build, a short fuzz run. It keeps going after a failure so the closing line counts
+# Every test: lint, all specs (spec/rock_spec.lua builds the rock too), the core's specs under
+# ASan+UBSan and under valgrind, a short fuzz run. It keeps going after a failure so the closing line counts
 # everything, then fails if anything did.
 SUITE = XMPPSM_SUMMARY=$(SUMMARY) spec/helpers/suite.sh
 test: all build/asan/xmppsm/core.so $(ASAN_LUA)
@@ -86,7 +86,6 @@ test: all build/asan/xmppsm/core.so $(ASAN_LUA)
 	@$(SUITE) busted "core specs under AddressSanitizer + UndefinedBehaviorSanitizer" \
 	  timeout 1200 env $(ASAN_RUN)
 	@$(SUITE) busted "core specs under valgrind" timeout 2400 $(MAKE) --no-print-directory valgrind
-	@$(SUITE) check "LuaRocks build into a temporary tree" $(MAKE) --no-print-directory rock-check
 	@$(SUITE) check "parser fuzzing, 30 s" $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30
 	@$(LUA) spec/helpers/total.lua $(SUMMARY)
 
@@ -102,16 +101,6 @@ valgrind: all
 
 lint: deps
 	luacheck -q lua spec examples bench
-
-# Builds and installs the rock into a throwaway tree, then loads it from there, outside the checkout.
-rock-check: deps
-	@tree=$$(mktemp -d) && trap 'rm -rf "$$tree"' EXIT && \
-	luarocks --lua-version $(LUA_VERSION) make --deps-mode=none --tree "$$tree" xmppsm-scm-1.rockspec >"$$tree.log" 2>&1 \
-	  || { cat "$$tree.log"; rm -f "$$tree.log"; exit 1; }; rm -f "$$tree.log"; \
-	cd / && $(LUA) -e "package.path='$$tree/share/lua/$(LUA_VERSION)/?.lua;$$tree/share/lua/$(LUA_VERSION)/?/init.lua;'..package.path; \
-	  package.cpath='$$tree/lib/lua/$(LUA_VERSION)/?.so;'..package.cpath; \
-	  local x = require 'xmppsm'; assert(package.searchpath('xmppsm.core', package.cpath):find('$$tree', 1, true)); \
-	  print('rock-check: xmppsm ' .. x._VERSION .. ' installed and loaded from a LuaRocks tree')"
 
 build/fuzz/parser_fuzz: fuzz/parser_fuzz.c $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p build/fuzz
