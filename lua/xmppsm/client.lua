@@ -281,9 +281,8 @@ end
 
 -- Decides between reconnecting and stopping.
 function Client:_after_disconnect(err, was_online)
-  if self.closing or not self.opts.reconnect or is_final(err) then
-    return self:_stop(err)
-  end
+  if self.closing then return self:_stop(nil) end   -- the user asked: not a failure
+  if not self.opts.reconnect or is_final(err) then return self:_stop(err) end
   -- The first retry after losing a working session goes at once: resumption is fastest then.
   local delay = 0
   if not was_online then
