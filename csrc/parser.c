@@ -259,27 +259,36 @@ static int rec_pos(parser_t *p, int kind, uint64_t pos) {
     return 1;
 }
 
-static size_t attrs_size(const XML_Char **atts) {
-    size_t n = 0;
-    for (; *atts != NULL; atts++) n += 4 + strlen(*atts) + 1;
+/* Attribute names and values take strlen once each: the first ATTR_LENS lengths are kept. */
+#define ATTR_LENS 64
+
+static size_t attrs_size(const XML_Char **atts, size_t *lens) {
+    size_t n = 0, i;
+    for (i = 0; atts[i] != NULL; i++) {
+        size_t len = strlen(atts[i]);
+        if (i < ATTR_LENS) lens[i] = len;
+        n += 4 + len + 1;
+    }
     return n;
 }
 
-static char *put_attrs(char *w, const XML_Char **atts, int nattr) {
+static char *put_attrs(char *w, const XML_Char **atts, int nattr, const size_t *lens) {
+    size_t i;
     w = put_u32(w, (uint32_t)nattr);
-    for (; *atts != NULL; atts++) w = put_str(w, *atts, strlen(*atts));
+    for (i = 0; atts[i] != NULL; i++) w = put_str(w, atts[i], i < ATTR_LENS ? lens[i] : strlen(atts[i]));
     return w;
 }
 
 /* An element at depth `d` in the stanza (1 for the stanza itself) opens. */
 static int rec_open(parser_t *p, int d, const XML_Char *name, const XML_Char **atts, int nattr) {
     size_t nlen = strlen(name), at = p->tape.len;
-    char *w = tape_room(p, 1 + 8 + 4 + nlen + 1 + 4 + attrs_size(atts));
+    size_t lens[ATTR_LENS];
+    char *w = tape_room(p, 1 + 8 + 4 + nlen + 1 + 4 + attrs_size(atts, lens));
     if (w == NULL) return 0;
     *w++ = REC_OPEN;
     w += 8; /* the child counts, written by rec_close */
     w = put_str(w, name, nlen);
-    put_attrs(w, atts, nattr);
+    put_attrs(w, atts, nattr, lens);
     if (d > 1) {
         p->frames[d - 1].nchild++;
         p->frames[d - 1].ntag++;
@@ -322,10 +331,11 @@ static void finish_begin(parser_t *p) {
 }
 
 static int rec_header(parser_t *p, const XML_Char **atts, int nattr, uint64_t end) {
-    char *w = tape_room(p, 1 + 4 + attrs_size(atts) + 8);
+    size_t lens[ATTR_LENS];
+    char *w = tape_room(p, 1 + 4 + attrs_size(atts, lens) + 8);
     if (w == NULL) return 0;
     *w++ = REC_HEADER;
-    w = put_attrs(w, atts, nattr);
+    w = put_attrs(w, atts, nattr, lens);
     put_u64(w, end);
     return 1;
 }
