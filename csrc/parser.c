@@ -12,6 +12,9 @@
  * - expat interns every distinct element and attribute name for the life of an XML_Parser, so a
  *   long stream of ever-new names would grow without bound. After 2 * max_stanza_size bytes the
  *   next stanza end "rebases": expat is reset and the stream header replayed into it.
+ * - With `lazy`, a stanza with children is handed out as its table with name and attr only, plus
+ *   a copy of its children's tape records; build() turns them into tables on first use, from a
+ *   metamethod (outside expat, like the walk), with the same code the eager walk uses.
  */
 #include <stdarg.h>
 #include <stdint.h>
