@@ -39,10 +39,16 @@ end
 
 -- Framing with xmppsm: count "stanza" events, and read each event's values so that nothing
 -- could be skipped by being lazy.
+-- XMPPSM_BENCH_PARSER picks the parser mode: "eager" (lazy = false), "lazy" (children left
+-- unbuilt), "materialize" (lazy, then every stanza materialized); unset: the parser's default.
 local function frame_ours(chunks)
   local core = require "xmppsm.core"
   local stanza_mt = require("xmppsm.stanza").metatable
-  local p = core.parser { stanza_mt = stanza_mt }
+  local mode = os.getenv("XMPPSM_BENCH_PARSER")
+  local lazy
+  if mode == "eager" then lazy = false elseif mode == "lazy" or mode == "materialize" then lazy = true end
+  local materialize = mode == "materialize" and core.materialize or function() end
+  local p = core.parser { stanza_mt = stanza_mt, lazy = lazy }
   local stanzas, touched = 0, 0
   for c = 1, #chunks do
     local ev, n = p:feed(chunks[c])
@@ -50,6 +56,7 @@ local function frame_ours(chunks)
       local kind, a, b = ev[i], ev[i + 1], ev[i + 2]
       if kind == "stanza" then
         stanzas = stanzas + 1
+        materialize(a)
         touched = touched + #a.name + #b
       elseif kind == "error" then
         error("xmppsm parser: " .. a .. ": " .. b)

@@ -12,6 +12,9 @@
  * - expat interns every distinct element and attribute name for the life of an XML_Parser, so a
  *   long stream of ever-new names would grow without bound. After 2 * max_stanza_size bytes the
  *   next stanza end "rebases": expat is reset and the stream header replayed into it.
+ * - With `lazy`, a stanza with children is handed out as its table with name and attr only, plus
+ *   a copy of its children's tape records; build() turns them into tables on first use, from a
+ *   metamethod (outside expat, like the walk), with the same code the eager walk uses.
  */
 #include <stdarg.h>
 #include <stdint.h>
@@ -31,6 +34,7 @@ XMLPARSEAPI(XML_Bool) XML_SetReparseDeferralEnabled(XML_Parser parser, XML_Bool 
 #define PARSER_MT "xmppsm.parser"
 #define UV_MT 1 /* user value: stanza_mt or nil */
 #define UV_NS 2 /* user value: content_ns, keeps p->content_ns alive */
+#define UV_LAZY 3 /* user value: the lazy metatable, or nil when the parser is eager */
 
 #define STREAM_NS "http://etherx.jabber.org/streams"
 #define XML_NS_SEP "http://www.w3.org/XML/1998/namespace\1"
@@ -51,7 +55,8 @@ enum { STOP_NONE, STOP_ERROR, STOP_PAUSE, STOP_REBASE };
 /* Tape records. Strings are u32 length, bytes, NUL. Positions are u64. */
 enum {
     REC_HEADER = 1, /* nattr, attrs..., end */
-    REC_BEGIN,      /* start: a stanza's first byte */
+    REC_BEGIN,      /* start: a stanza's first byte; u64 offset of its REC_END from this record;
+                       u32 how deep its elements nest (1: no child elements); both set at its end */
     REC_OPEN,       /* children, element children (u32 each, filled in at its end), name, nattr, attrs */
     REC_TEXT,       /* text (grows while more text for the same element arrives) */
     REC_CLOSE,      /* end of the innermost open element */
@@ -93,6 +98,8 @@ typedef struct {
     const char *content_ns;
     size_t content_ns_len;
     int has_mt;
+    int lazy;         /* stanzas keep their children on a tape copy until first used */
+    uint32_t unit_depth; /* deepest element of the stanza being received (1 = the stanza) */
 
     uint64_t fed;        /* next stream byte to hand to expat */
     uint64_t consumed;   /* expat has reported everything before this byte */
@@ -255,33 +262,43 @@ static int rec_pos(parser_t *p, int kind, uint64_t pos) {
     return 1;
 }
 
-static size_t attrs_size(const XML_Char **atts) {
-    size_t n = 0;
-    for (; *atts != NULL; atts++) n += 4 + strlen(*atts) + 1;
+/* Attribute names and values take strlen once each: the first ATTR_LENS lengths are kept. */
+#define ATTR_LENS 64
+
+static size_t attrs_size(const XML_Char **atts, size_t *lens) {
+    size_t n = 0, i;
+    for (i = 0; atts[i] != NULL; i++) {
+        size_t len = strlen(atts[i]);
+        if (i < ATTR_LENS) lens[i] = len;
+        n += 4 + len + 1;
+    }
     return n;
 }
 
-static char *put_attrs(char *w, const XML_Char **atts, int nattr) {
+static char *put_attrs(char *w, const XML_Char **atts, int nattr, const size_t *lens) {
+    size_t i;
     w = put_u32(w, (uint32_t)nattr);
-    for (; *atts != NULL; atts++) w = put_str(w, *atts, strlen(*atts));
+    for (i = 0; atts[i] != NULL; i++) w = put_str(w, atts[i], i < ATTR_LENS ? lens[i] : strlen(atts[i]));
     return w;
 }
 
 /* An element at depth `d` in the stanza (1 for the stanza itself) opens. */
 static int rec_open(parser_t *p, int d, const XML_Char *name, const XML_Char **atts, int nattr) {
     size_t nlen = strlen(name), at = p->tape.len;
-    char *w = tape_room(p, 1 + 8 + 4 + nlen + 1 + 4 + attrs_size(atts));
+    size_t lens[ATTR_LENS];
+    char *w = tape_room(p, 1 + 8 + 4 + nlen + 1 + 4 + attrs_size(atts, lens));
     if (w == NULL) return 0;
     *w++ = REC_OPEN;
     w += 8; /* the child counts, written by rec_close */
     w = put_str(w, name, nlen);
-    put_attrs(w, atts, nattr);
+    put_attrs(w, atts, nattr, lens);
     if (d > 1) {
         p->frames[d - 1].nchild++;
         p->frames[d - 1].ntag++;
     }
     p->frames[d].rec = at;
     p->frames[d].nchild = p->frames[d].ntag = 0;
+    if ((uint32_t)d > p->unit_depth) p->unit_depth = (uint32_t)d;
     return 1;
 }
 
@@ -296,11 +313,32 @@ static int rec_close(parser_t *p, int d) {
     return 1;
 }
 
+#define BEGIN_SIZE (1 + 8 + 8 + 4)
+
+static int rec_begin(parser_t *p, uint64_t start) {
+    char *w = tape_room(p, BEGIN_SIZE);
+    if (w == NULL) return 0;
+    *w++ = REC_BEGIN;
+    w = put_u64(w, start);
+    memset(w, 0, 8 + 4);
+    p->unit_depth = 0;
+    return 1;
+}
+
+/* The stanza is complete and its REC_END is next on the tape: fill in its REC_BEGIN. */
+static void finish_begin(parser_t *p) {
+    size_t begin = p->frames[1].rec - BEGIN_SIZE;
+    char *w = p->tape.p + begin + 1 + 8;
+    w = put_u64(w, (uint64_t)(p->tape.len - begin));
+    put_u32(w, p->unit_depth);
+}
+
 static int rec_header(parser_t *p, const XML_Char **atts, int nattr, uint64_t end) {
-    char *w = tape_room(p, 1 + 4 + attrs_size(atts) + 8);
+    size_t lens[ATTR_LENS];
+    char *w = tape_room(p, 1 + 4 + attrs_size(atts, lens) + 8);
     if (w == NULL) return 0;
     *w++ = REC_HEADER;
-    w = put_attrs(w, atts, nattr);
+    w = put_attrs(w, atts, nattr, lens);
     put_u64(w, end);
     return 1;
 }
@@ -399,7 +437,7 @@ static void on_start(void *ud, const XML_Char *name, const XML_Char **atts) {
     }
     if (p->depth == 1) {
         p->unit_start = here(p);
-        if (!rec_pos(p, REC_BEGIN, p->unit_start)) return;
+        if (!rec_begin(p, p->unit_start)) return;
     }
     if (!rec_open(p, p->depth, name, atts, nattr)) return;
     p->depth++;
@@ -429,6 +467,7 @@ static void on_end(void *ud, const XML_Char *name) {
     if (!rec_close(p, p->depth) || p->depth > 1) return;
     /* a stanza is complete; for <a/> the count is 0 and the index already points past it */
     end = here_end(p);
+    finish_begin(p);
     if (!rec_pos(p, REC_END, end)) return;
     unit_done(p);
     p->gap_start = end;
@@ -550,6 +589,7 @@ static void install_handlers(parser_t *p) {
 
 #define EV_INDEX 3 /* stack slot of the events table during feed (nil until needed) */
 #define MT_INDEX 4 /* stack slot of stanza_mt (or nil) during feed */
+#define LAZY_INDEX 5 /* stack slot of the lazy metatable (or nil) during feed */
 
 /* Strings feed uses all the time, kept as its upvalues so they are pushed, not interned. */
 enum { K_NAME = 1, K_ATTR, K_TAGS, K_XMLNS, K_XMLLANG, K_HEADER, K_STANZA, K_CLOSE, K_ERROR, K_COUNT = K_ERROR };
@@ -638,27 +678,38 @@ static const char *emit_header(out_t *o, const char *r) {
     return r;
 }
 
-/* REC_OPEN: pushes the new element table and its tags table. */
-static const char *open_element(out_t *o, const char *r, level_t *lv, int depth) {
-    lua_State *L = o->L;
-    parser_t *p = o->p;
+/* What the builder needs, from feed or from a lazy element's materialization. */
+typedef struct {
+    lua_State *L;
+    int mt;       /* stack index of the elements' metatable, 0 for none */
+    level_t *lv;  /* nlv entries, by depth in the stanza from 0 */
+    int nlv;
+    const char *root_ns; /* the namespace around the stanza (content_ns) */
+    size_t root_ns_len;
+} build_t;
+
+/* REC_OPEN: pushes the new element table and, unless `lazy_mt` (the stanza's own table in lazy
+ * mode, which gets that metatable and no tags yet), its tags table. */
+static const char *open_element(build_t *b, const char *r, int depth, int lazy_mt) {
+    lua_State *L = b->L;
+    level_t *lv = b->lv;
     const char *name, *local, *sep, *pns;
     size_t nlen, nslen, pnslen;
     uint32_t nchild, ntag;
-    int differs;
+    int differs, mt = lazy_mt ? lazy_mt : b->mt;
     r = get_u32(r, &nchild);
     r = get_u32(r, &ntag);
     r = get_str(r, &name, &nlen);
     sep = memchr(name, '\1', nlen);
     local = sep ? sep + 1 : name;
     nslen = sep ? (size_t)(sep - name) : 0;
-    pns = depth == 0 ? p->content_ns : lv[depth - 1].ns;
-    pnslen = depth == 0 ? p->content_ns_len : lv[depth - 1].nslen;
+    pns = depth == 0 ? b->root_ns : lv[depth - 1].ns;
+    pnslen = depth == 0 ? b->root_ns_len : lv[depth - 1].nslen;
     differs = nslen != pnslen || memcmp(name, pns, nslen) != 0;
 
     lua_createtable(L, (int)nchild, 3);
-    if (p->has_mt) {
-        lua_pushvalue(L, MT_INDEX);
+    if (mt != 0) {
+        lua_pushvalue(L, mt);
         lua_setmetatable(L, -2);
     }
     PUSH_K(L, K_NAME);
@@ -672,56 +723,279 @@ static const char *open_element(out_t *o, const char *r, level_t *lv, int depth)
         lua_rawset(L, -3);
     }
     lua_rawset(L, -3);
+    lv[depth].ns = name;
+    lv[depth].nslen = nslen;
+    lv[depth].nchild = lv[depth].ntag = 0;
+    if (lazy_mt) return r;
     lua_createtable(L, (int)ntag, 0);
     PUSH_K(L, K_TAGS);
     lua_pushvalue(L, -2);
     lua_rawset(L, -4);
-    lv[depth].ns = name;
-    lv[depth].nslen = nslen;
-    lv[depth].nchild = lv[depth].ntag = 0;
     return r;
 }
 
-/* From REC_BEGIN to REC_END: one stanza. Stack per open element: element, tags. */
-static const char *emit_stanza(out_t *o, const char *r) {
-    lua_State *L = o->L;
-    parser_t *p = o->p;
-    level_t *lv = p->levels;
-    int depth = 0;
-    uint64_t start, end;
+/* Builds elements from REC_OPEN / REC_TEXT / REC_CLOSE records until the element open at
+ * `depth` - 1 closes (depth 0: until the first element opened here closes, leaving it on the
+ * stack). On entry the stack holds element, tags for each of the `depth` open elements; they are
+ * popped down to that element. Returns the record after the last REC_CLOSE. */
+static const char *build(build_t *b, const char *r, int depth) {
+    lua_State *L = b->L;
+    level_t *lv = b->lv;
     const char *s;
     size_t n;
-    r = get_u64(r, &start);
     for (;;) {
         switch (*r++) {
         case REC_OPEN:
-            if (depth >= p->max_depth) luaL_error(L, "xmppsm.parser: corrupt tape");
-            r = open_element(o, r, lv, depth);
+            if (depth >= b->nlv) luaL_error(L, "xmppsm.parser: corrupt tape");
+            r = open_element(b, r, depth, 0);
             depth++;
             break;
         case REC_TEXT:
+            if (depth == 0) luaL_error(L, "xmppsm.parser: corrupt tape");
             r = get_str(r, &s, &n);
             lua_pushlstring(L, s, n);
             lua_rawseti(L, -3, ++lv[depth - 1].nchild);
             break;
         case REC_CLOSE:
+            if (depth == 0) luaL_error(L, "xmppsm.parser: corrupt tape");
             lua_pop(L, 1); /* its tags table */
             depth--;
-            if (depth > 0) {
-                lua_pushvalue(L, -1);
-                lua_rawseti(L, -3, ++lv[depth - 1].ntag);
-                lua_rawseti(L, -3, ++lv[depth - 1].nchild);
-            }
+            if (depth == 0) return r;
+            lua_pushvalue(L, -1);
+            lua_rawseti(L, -3, ++lv[depth - 1].ntag);
+            lua_rawseti(L, -3, ++lv[depth - 1].nchild);
             break;
-        case REC_END:
-            r = get_u64(r, &end);
-            push_raw(L, p, start, end);
-            emit(o, K_STANZA);
-            return r;
         default:
             return luaL_error(L, "xmppsm.parser: corrupt tape"), r;
         }
     }
+}
+
+/* ---- lazy elements ------------------------------------------------------------------------- *
+ * A lazy stanza is its table with name and attr, the lazy metatable, and under LAZY_KEY a
+ * userdata holding a copy of the tape records of its children (through its own REC_CLOSE) and
+ * its namespace. The first use other than name/attr builds the children into the same table
+ * with build(), drops the key and switches the metatable to stanza_mt. */
+
+#define LAZY_MAGIC 0x6c617a79u
+static const char LAZY_KEY = 0; /* its address is the private key */
+static lua_Integer materialized; /* debug counter, core._materialized() */
+
+typedef struct {
+    uint32_t magic;
+    uint32_t nchild, ntag;
+    uint32_t depth;  /* levels the build needs: how deep the stanza's elements nest */
+    size_t nslen;    /* the stanza's namespace, then the records */
+    size_t len;
+} lazy_t;
+
+#define LAZY_UPVALUES (K_COUNT + 1) /* the feed strings, then stanza_mt or false */
+#define LAZY_TARGET lua_upvalueindex(K_COUNT + 1)
+
+/* Stores the children records [r, end) of the stanza on top of the stack. */
+static void make_lazy(lua_State *L, const level_t *top, uint32_t nchild, uint32_t ntag, uint32_t depth,
+                      const char *r, const char *end) {
+    size_t len = (size_t)(end - r);
+    lazy_t *z = lua_newuserdatauv(L, sizeof *z + top->nslen + len, 0);
+    char *d = (char *)(z + 1);
+    z->magic = LAZY_MAGIC;
+    z->nchild = nchild;
+    z->ntag = ntag;
+    z->depth = depth;
+    z->nslen = top->nslen;
+    z->len = len;
+    memcpy(d, top->ns, top->nslen);
+    memcpy(d + top->nslen, r, len);
+    lua_rawsetp(L, -2, &LAZY_KEY);
+}
+
+/* Materializes the lazy element at `idx` (absolute); runs in a closure with LAZY_UPVALUES.
+ * Idempotent: without its tape copy it only switches the metatable. */
+static void materialize_at(lua_State *L, int idx) {
+    level_t small[16], *lv = small;
+    lazy_t *z;
+    build_t b;
+    const char *r, *end;
+    int top = lua_gettop(L);
+    if (lua_rawgetp(L, idx, &LAZY_KEY) == LUA_TUSERDATA) {
+        z = lua_touserdata(L, -1);
+        if (lua_rawlen(L, -1) < sizeof *z || z->magic != LAZY_MAGIC ||
+            lua_rawlen(L, -1) != sizeof *z + z->nslen + z->len || z->len == 0 || z->depth < 1 ||
+            z->depth > MAX_DEPTH_LIMIT)
+            luaL_error(L, "xmppsm.parser: corrupt lazy element");
+        luaL_checkstack(L, 2 * (int)z->depth + 16, "xmppsm.parser: deep stanza");
+        if (z->depth > sizeof small / sizeof small[0])
+            lv = lua_newuserdatauv(L, sizeof *lv * z->depth, 0);
+        b.L = L;
+        b.mt = 0;
+        if (lua_istable(L, LAZY_TARGET)) {
+            lua_pushvalue(L, LAZY_TARGET);
+            b.mt = lua_gettop(L);
+        }
+        b.lv = lv;
+        b.nlv = (int)z->depth;
+        b.root_ns = NULL;
+        b.root_ns_len = 0;
+        r = (const char *)(z + 1);
+        lv[0].ns = r;
+        lv[0].nslen = z->nslen;
+        lv[0].nchild = lv[0].ntag = 0;
+        r += z->nslen;
+        end = r + z->len;
+        /* the key goes first: a build cut short by an error is not repeated into the same table */
+        lua_pushnil(L);
+        lua_rawsetp(L, idx, &LAZY_KEY);
+        lua_pushvalue(L, idx);
+        lua_createtable(L, (int)z->ntag, 0);
+        PUSH_K(L, K_TAGS);
+        lua_pushvalue(L, -2);
+        lua_rawset(L, -4);
+        if (build(&b, r, 1) != end) luaL_error(L, "xmppsm.parser: corrupt lazy element");
+        materialized++;
+    }
+    lua_settop(L, top);
+    if (lua_istable(L, LAZY_TARGET))
+        lua_pushvalue(L, LAZY_TARGET);
+    else
+        lua_pushnil(L);
+    lua_setmetatable(L, idx);
+}
+
+static int lazy_index(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 2);
+    materialize_at(L, 1);
+    lua_gettable(L, 1);
+    return 1;
+}
+
+static int lazy_newindex(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 3);
+    materialize_at(L, 1);
+    lua_settable(L, 1);
+    return 0;
+}
+
+static int lazy_len(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    materialize_at(L, 1);
+    lua_len(L, 1);
+    return 1;
+}
+
+static int lazy_next(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 2);
+    if (lua_next(L, 1)) return 2;
+    lua_pushnil(L);
+    return 1;
+}
+
+static int lazy_pairs(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    materialize_at(L, 1);
+    if (luaL_getmetafield(L, 1, "__pairs") != LUA_TNIL) {
+        lua_pushvalue(L, 1);
+        lua_call(L, 1, 3);
+        return 3;
+    }
+    lua_pushcfunction(L, lazy_next);
+    lua_pushvalue(L, 1);
+    lua_pushnil(L);
+    return 3;
+}
+
+static int lazy_tostring(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    materialize_at(L, 1);
+    luaL_tolstring(L, 1, NULL);
+    return 1;
+}
+
+/* The metatable's __xmppsm_materialize: el = f(el). */
+static int lazy_materialize(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    materialize_at(L, 1);
+    return 1;
+}
+
+/* Pushes a new lazy metatable switching to the value at `target` (a table or nil). Runs in a
+ * function whose upvalues 1..K_COUNT are the feed strings. */
+static void new_lazy_mt(lua_State *L, int target) {
+    static const luaL_Reg fns[] = {{"__index", lazy_index},     {"__newindex", lazy_newindex},
+                                   {"__len", lazy_len},         {"__pairs", lazy_pairs},
+                                   {"__tostring", lazy_tostring}, {"__xmppsm_materialize", lazy_materialize},
+                                   {NULL, NULL}};
+    int i;
+    lua_createtable(L, 0, 8);
+    for (i = 1; i <= K_COUNT; i++) lua_pushvalue(L, lua_upvalueindex(i));
+    if (lua_istable(L, target))
+        lua_pushvalue(L, target);
+    else
+        lua_pushboolean(L, 0);
+    luaL_setfuncs(L, fns, LAZY_UPVALUES);
+    if (lua_istable(L, target)) {
+        lua_pushvalue(L, target);
+        lua_setfield(L, -2, "__xmppsm_stanza_mt");
+    }
+    lua_pushliteral(L, "xmppsm.lazy_stanza");
+    lua_setfield(L, -2, "__name");
+}
+
+/* el = core.materialize(el): builds a lazy element's children; anything else is returned as is. */
+static int l_materialize(lua_State *L) {
+    lua_settop(L, 1);
+    if (lua_type(L, 1) == LUA_TTABLE && luaL_getmetafield(L, 1, "__xmppsm_materialize") != LUA_TNIL) {
+        lua_pushvalue(L, 1);
+        lua_call(L, 1, 0);
+    }
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* n = core._materialized(): how many lazy elements have been materialized (a test hook). */
+static int l_materialized(lua_State *L) {
+    lua_pushinteger(L, materialized);
+    return 1;
+}
+
+/* From REC_BEGIN to REC_END: one stanza. */
+static const char *emit_stanza(out_t *o, const char *r) {
+    lua_State *L = o->L;
+    parser_t *p = o->p;
+    const char *rec_end, *begin = r - 1;
+    uint64_t start, end, rel;
+    uint32_t depth, nchild, ntag;
+    build_t b;
+    r = get_u64(r, &start);
+    r = get_u64(r, &rel);
+    r = get_u32(r, &depth);
+    rec_end = begin + rel;
+    if (rel < BEGIN_SIZE || rec_end >= p->tape.p + p->tape_done || *rec_end != REC_END || *r != REC_OPEN)
+        luaL_error(L, "xmppsm.parser: corrupt tape");
+    b.L = L;
+    b.mt = p->has_mt ? MT_INDEX : 0;
+    b.lv = p->levels;
+    b.nlv = p->max_depth;
+    b.root_ns = p->content_ns;
+    b.root_ns_len = p->content_ns_len;
+    get_u32(r + 1, &nchild);
+    get_u32(r + 5, &ntag);
+    if (p->lazy && nchild > 0) {
+        r = open_element(&b, r + 1, 0, LAZY_INDEX);
+        make_lazy(L, &b.lv[0], nchild, ntag, depth, r, rec_end);
+    } else if (build(&b, r, 0) != rec_end) {
+        luaL_error(L, "xmppsm.parser: corrupt tape");
+    }
+    r = get_u64(rec_end + 1, &end);
+    push_raw(L, p, start, end);
+    emit(o, K_STANZA);
+    return r;
 }
 
 static const char *emit_stream_end(out_t *o, const char *r) {
@@ -1062,6 +1336,7 @@ static int l_feed(lua_State *L) {
     lua_settop(L, 2);
     lua_pushnil(L);                 /* EV_INDEX: created when the first event comes */
     lua_getiuservalue(L, 1, UV_MT); /* MT_INDEX */
+    lua_getiuservalue(L, 1, UV_LAZY); /* LAZY_INDEX */
     luaL_checkstack(L, 2 * p->max_depth + 16, "xmppsm.parser: deep stanza");
     o.L = L;
     o.p = p;
@@ -1142,7 +1417,7 @@ static lua_Integer opt_integer(lua_State *L, const char *key, lua_Integer def, l
 
 static void check_option_names(lua_State *L) {
     static const char *const known[] = {"max_stanza_size", "max_depth", "max_attributes", "content_ns",
-                                        "stanza_mt", NULL};
+                                        "stanza_mt", "lazy", NULL};
     int i;
     lua_pushnil(L);
     while (lua_next(L, 1) != 0) {
@@ -1157,6 +1432,7 @@ static void check_option_names(lua_State *L) {
 static int l_parser(lua_State *L) {
     parser_t *p;
     lua_Integer max_size, max_depth, max_attrs;
+    int lazy = 0;
     if (lua_isnoneornil(L, 1)) {
         lua_settop(L, 0);
         lua_newtable(L);
@@ -1175,8 +1451,13 @@ static int l_parser(lua_State *L) {
     } /* slot 2: content_ns */
     if (lua_getfield(L, 1, "stanza_mt") != LUA_TNIL && !lua_istable(L, -1))
         luaL_error(L, "bad option 'stanza_mt' to 'parser' (table expected)"); /* slot 3 */
+    if (lua_getfield(L, 1, "lazy") != LUA_TNIL) {
+        if (!lua_isboolean(L, -1)) luaL_error(L, "bad option 'lazy' to 'parser' (boolean expected)");
+        lazy = lua_toboolean(L, -1);
+    }
+    lua_pop(L, 1);
 
-    p = lua_newuserdatauv(L, sizeof *p, 2); /* slot 4 */
+    p = lua_newuserdatauv(L, sizeof *p, 3); /* slot 4 */
     memset(p, 0, sizeof *p);
     luaL_setmetatable(L, PARSER_MT);
     p->max_size = (size_t)max_size;
@@ -1188,6 +1469,11 @@ static int l_parser(lua_State *L) {
     lua_setiuservalue(L, 4, UV_MT);
     lua_pushvalue(L, 2);
     lua_setiuservalue(L, 4, UV_NS);
+    p->lazy = lazy;
+    if (lazy) {
+        new_lazy_mt(L, 3);
+        lua_setiuservalue(L, 4, UV_LAZY);
+    }
     p->levels = malloc(sizeof *p->levels * (size_t)(max_depth + 1));
     p->frames = malloc(sizeof *p->frames * (size_t)(max_depth + 1));
     p->xp = XML_ParserCreateNS("UTF-8", '\1');
@@ -1221,6 +1507,11 @@ void xmppsm_open_parser(lua_State *L) {
         lua_setfield(L, -2, "__name");
     }
     lua_pop(L, 1);
-    lua_pushcfunction(L, l_parser);
+    for (i = 0; i < K_COUNT; i++) lua_pushstring(L, feed_strings[i]);
+    lua_pushcclosure(L, l_parser, K_COUNT);
     lua_setfield(L, -2, "parser");
+    lua_pushcfunction(L, l_materialize);
+    lua_setfield(L, -2, "materialize");
+    lua_pushcfunction(L, l_materialized);
+    lua_setfield(L, -2, "_materialized");
 }

@@ -6,7 +6,9 @@
  * escaping, and any failure returns nil, err without a partial string.
  *
  * Tables are read with raw access only (lua_rawget, lua_rawgeti, lua_next): no metamethod can
- * run, so no Lua code can change the tables while C holds pointers into their strings. */
+ * run, so no Lua code can change the tables while C holds pointers into their strings. The one
+ * exception runs before an element is read: a lazy element from the parser is materialized by the
+ * C function its metatable names, which only fills in that element's own children. */
 #include <stdio.h>
 #include <string.h>
 #include <stdint.h>
@@ -24,6 +26,7 @@
 #define SLOT_KNAME 4
 #define SLOT_KATTR 5
 #define SLOT_KXMLNS 6
+#define SLOT_KMAT 7 /* "__xmppsm_materialize": a parser's lazy elements (csrc/parser.c) */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Output buffer. A stanza is usually small, so it starts in a C array; when it outgrows it, it
@@ -483,6 +486,19 @@ static int put_attrs(Ser *S, int ai, const char *el) {
     return 0;
 }
 
+/* A lazy element (its metatable has __xmppsm_materialize) gets its children built first. */
+static void materialize(lua_State *L, int ei) {
+    if (!lua_getmetatable(L, ei)) return;
+    lua_pushvalue(L, SLOT_KMAT);
+    if (lua_rawget(L, -2) == LUA_TFUNCTION) {
+        lua_pushvalue(L, ei);
+        lua_call(L, 1, 0);
+        lua_pop(L, 1);
+    } else {
+        lua_pop(L, 2);
+    }
+}
+
 static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const char *parent, lua_Integer pos) {
     lua_State *L = S->L;
     int ei = lua_gettop(L), ai;
@@ -492,6 +508,7 @@ static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const ch
     char why_buf[64];
 
     luaL_checkstack(L, 12, "element nesting");
+    materialize(L, ei);
     /* name */
     lua_pushvalue(L, SLOT_KNAME);
     lua_rawget(L, ei);
@@ -595,6 +612,7 @@ static int ser_serialize(lua_State *L) {
     lua_pushliteral(L, "name"); /* SLOT_KNAME */
     lua_pushliteral(L, "attr"); /* SLOT_KATTR */
     lua_pushliteral(L, "xmlns");/* SLOT_KXMLNS */
+    lua_pushliteral(L, "__xmppsm_materialize"); /* SLOT_KMAT */
     ser_init(&S, L);
     lua_pushvalue(L, 1);
     if (ser_element(&S, 1, ns, nslen, NULL, 0)) {

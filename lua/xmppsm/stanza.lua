@@ -8,6 +8,10 @@
 --
 -- Built and parsed elements have the same shape; the parser gives its elements
 -- `stanza.metatable` (its `stanza_mt` option), so every method here works on them, `:tag()` too.
+-- A parsed stanza may come *lazy* (docs/core.md, "Lazy elements"): `name` and `attr` are there,
+-- its children are built on first use by its metatable, which then becomes `stanza.metatable`.
+-- Code here that reads an element raw (`rawlen`, `rawget`) outside a method call first calls
+-- `core.materialize`.
 --
 -- **Builder position.** `:tag()` moves into the new child, `:up()` back out, `:reset()` to the
 -- top. That position is kept outside the element (in a table with weak keys, keyed by the
@@ -31,7 +35,7 @@ local type, error, setmetatable, getmetatable, tostring, pairs, ipairs =
   type, error, setmetatable, getmetatable, tostring, pairs, ipairs
 local rawget, rawlen = rawget, rawlen
 local concat = table.concat
-local serialize = core.serialize
+local serialize, materialize = core.serialize, core.materialize
 
 local xmlns_stanzas = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
@@ -64,6 +68,9 @@ end
 local function tags_of(el)
   local tags = rawget(el, "tags")
   if tags == nil then
+    materialize(el) -- a lazy element from the parser gets its tags here
+    tags = rawget(el, "tags")
+    if tags ~= nil then return tags end
     tags = {}
     for i = 1, rawlen(el) do
       local c = el[i]
@@ -119,7 +126,8 @@ end
 -- @param x any value
 -- @treturn boolean
 function stanza.is_stanza(x)
-  return getmetatable(x) == stanza_mt
+  local mt = getmetatable(x)
+  return mt == stanza_mt or (type(mt) == "table" and rawget(mt, "__xmppsm_stanza_mt") == stanza_mt)
 end
 
 --- The metatable of stanzas, for the parser's `stanza_mt` option.
@@ -350,6 +358,7 @@ end
 
 local function clone(el, depth)
   if depth > 256 then error("clone: elements nested deeper than 256 (a cycle?)", depth + 2) end
+  materialize(el) -- rawlen below must see a lazy element's children
   local attr = {}
   for k, v in pairs(el.attr or {}) do attr[k] = v end
   local tags = {}

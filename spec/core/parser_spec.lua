@@ -6,6 +6,17 @@ local HDR = "<stream:stream xmlns='jabber:client' xmlns:stream='" .. STREAMS
   .. "' to='example.com' version='1.0'>"
 local CLOSE = "</stream:stream>"
 
+-- Every spec here runs twice: with the parser's `lazy` option off (eager) and on. `new_parser`
+-- is core.parser with that option added; LAZY is set per mode before each test.
+local LAZY = false
+local function new_parser(opts)
+  if opts == nil then opts = {} end
+  if type(opts) ~= "table" then return core.parser(opts) end
+  local o = { lazy = LAZY }
+  for k, v in pairs(opts) do o[k] = v end
+  return core.parser(o)
+end
+
 local function fixture(name)
   local f = assert(io.open("spec/fixtures/" .. name, "rb"))
   local s = f:read("a")
@@ -102,7 +113,7 @@ end
 -- Runs a whole transcript, pieces sized by `next_size()`, following stream restarts the way a
 -- client does (reset, then feed the leftover). Returns the events as comparable strings.
 local function run(data, opts, next_size)
-  local p = core.parser(opts)
+  local p = new_parser(opts)
   local out = {}
   local pos = 1
   while pos <= #data do
@@ -138,7 +149,7 @@ local function whole(data) return function() return #data end end
 
 -- Offsets (0-based) where each reported unit of a transcript starts and ends.
 local function unit_bounds(data)
-  local p = core.parser()
+  local p = new_parser()
   local bounds, rest, from = {}, data, 1
   while #rest > 0 do
     local ev, n = p:feed(rest)
@@ -157,7 +168,10 @@ local function unit_bounds(data)
 end
 local function steps(n) return function() return n end end
 
-describe("xmppsm.core parser", function()
+for _, lazy in ipairs { false, true } do
+describe("xmppsm.core parser (lazy = " .. tostring(lazy) .. ")", function()
+  before_each(function() LAZY = lazy end)
+
   describe("a normal stream", function()
     local input = "<?xml version='1.0'?>" .. HDR:gsub("version", "xml:lang='en' version") .. "\n  "
       .. "<message to='a@b/c' type='chat' xml:lang='de' xmlns:e='urn:e' e:foo='bar'>"
@@ -170,7 +184,7 @@ describe("xmppsm.core parser", function()
       .. CLOSE
 
     it("reports the header, each stanza and the close, with exact raw bytes", function()
-      local p = core.parser()
+      local p = new_parser()
       assert.equal("header", p:state())
       local ev = feed(p, input)
       assert.equal("header stanza stanza stanza close", kinds(ev))
@@ -210,7 +224,7 @@ describe("xmppsm.core parser", function()
     end)
 
     it("reports each event from the feed call that receives its last byte", function()
-      local p = core.parser()
+      local p = new_parser()
       local stanza = "<message><body>x</body></message>"
       local _, n = p:feed(HDR:sub(1, -2))
       assert.equal(0, n)
@@ -232,7 +246,7 @@ describe("xmppsm.core parser", function()
     end)
 
     it("keeps text inside a stanza exactly, whitespace too, as one string", function()
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, HDR .. "<message>\n  <body>  a\n\n b  </body>\n  \t</message>", 3)
       local m = ev[2].a
       check_element(m)
@@ -243,14 +257,14 @@ describe("xmppsm.core parser", function()
     end)
 
     it("normalizes line ends in text as XML requires, and keeps them in the raw bytes", function()
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, HDR .. "<m>a\r\nb\rc</m>")
       assert.equal("a\nb\nc", ev[2].a[1])
       assert.equal("<m>a\r\nb\rc</m>", ev[2].b)
     end)
 
     it("drops whitespace between stanzas and accepts whitespace keepalives", function()
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, HDR .. " \n\t\r\n" .. "<a/>" .. "   " .. "<b/>" .. " ")
       assert.equal("header stanza stanza", kinds(ev))
       for _ = 1, 100 do
@@ -263,14 +277,14 @@ describe("xmppsm.core parser", function()
 
     it("accepts a UTF-8 byte-order mark and encoding='utf-8', kept in the header's raw bytes", function()
       local head = "\239\187\191<?xml version='1.0' encoding='utf-8'?>\n" .. HDR
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, head .. "<a/>", 1)
       assert.equal("header stanza", kinds(ev))
       assert.equal(head, ev[1].b)
     end)
 
     it("reports an empty root element as a header and a close", function()
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, HDR:sub(1, -2) .. "/>")
       assert.equal("header close", kinds(ev))
       assert.equal("", ev[2].b)
@@ -278,13 +292,13 @@ describe("xmppsm.core parser", function()
     end)
 
     it("accepts whitespace after the close", function()
-      local p = core.parser()
+      local p = new_parser()
       assert.equal("header close", kinds(feed(p, HDR .. CLOSE .. " \n ")))
       assert.equal("closed", p:state())
     end)
 
     it("accepts the stream prefix bound to any name, or a stanza prefix declared on the header", function()
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, "<s:stream xmlns:s='" .. STREAMS .. "' xmlns='jabber:client'"
         .. " xmlns:db='jabber:server:dialback'>"
         .. "<db:result from='a' to='b'>key</db:result><message/></s:stream>")
@@ -297,13 +311,13 @@ describe("xmppsm.core parser", function()
 
     it("checks the default namespace against content_ns", function()
       local server = HDR:gsub("jabber:client", "jabber:server")
-      local p = core.parser { content_ns = "jabber:server" }
+      local p = new_parser { content_ns = "jabber:server" }
       local ev = feed(p, server .. "<message/><x xmlns='jabber:client'/>")
       assert.equal("header stanza stanza", kinds(ev))
       assert.equal("jabber:server", ev[1].a.xmlns)
       assert.same({}, ev[2].a.attr)
       assert.same({ xmlns = "jabber:client" }, ev[3].a.attr)
-      p = core.parser { content_ns = "jabber:server" }
+      p = new_parser { content_ns = "jabber:server" }
       ev = feed(p, HDR)
       assert.equal("error", ev[1].kind)
       assert.equal("invalid-namespace", ev[1].a)
@@ -311,22 +325,27 @@ describe("xmppsm.core parser", function()
 
     it("gives every element table the stanza_mt metatable, and nothing else", function()
       local mt = { __index = { is_stanza = true } }
-      local p = core.parser { stanza_mt = mt }
+      local p = new_parser { stanza_mt = mt }
       local ev = feed(p, HDR .. "<message><body>x</body><x xmlns='urn:x'><y/></x></message>")
       assert.is_nil(getmetatable(ev[1].a))
       local m = ev[2].a
+      if LAZY then -- the lazy metatable switches to stanza_mt on first use
+        assert.not_equal(mt, getmetatable(m))
+        assert.equal(mt, rawget(getmetatable(m), "__xmppsm_stanza_mt"))
+        assert.equal(m, core.materialize(m))
+      end
       assert.equal(mt, getmetatable(m))
       assert.equal(mt, getmetatable(m[1]))
       assert.equal(mt, getmetatable(m[2][1]))
       assert.is_nil(getmetatable(m.attr))
       assert.is_nil(getmetatable(m.tags))
       assert.is_true(m[2][1].is_stanza)
-      assert.is_nil(getmetatable(core.parser():feed(HDR .. "<a/>")[5]))
+      assert.is_nil(getmetatable(new_parser():feed(HDR .. "<a/>")[5]))
     end)
 
     it("fills tables with raw sets, so a __newindex in stanza_mt never runs", function()
       local called = false
-      local p = core.parser { stanza_mt = { __newindex = function() called = true end } }
+      local p = new_parser { stanza_mt = { __newindex = function() called = true end } }
       local ev = feed(p, HDR .. "<message><body>x</body></message>")
       assert.equal("x", ev[2].a[1][1])
       assert.is_false(called)
@@ -355,7 +374,7 @@ describe("xmppsm.core parser", function()
     it("have raw bytes that rebuild the transcript exactly, with only whitespace left out", function()
       for _, name in ipairs(names) do
         local data = fixture(name)
-        local p = core.parser()
+        local p = new_parser()
         local rebuilt, rest = {}, data
         while #rest > 0 do
           local ev, n = p:feed(rest)
@@ -402,7 +421,7 @@ describe("xmppsm.core parser", function()
         -- the tightest max_stanza_size that still accepts every unit, so the parser also resets
         -- expat and replays the header ("rebase") every few stanzas
         local biggest = 0
-        local p = core.parser()
+        local p = new_parser()
         local rest = data
         while #rest > 0 do
           local ev, n = p:feed(rest)
@@ -432,7 +451,7 @@ describe("xmppsm.core parser", function()
     -- `cond`, after any events listed in `before`.
     local function expect_error(input, cond, before, opts)
       for _, step in ipairs { false, 1 } do
-        local p = core.parser(opts)
+        local p = new_parser(opts)
         local ev = feed(p, input, step or nil)
         local last = ev[#ev]
         assert.equal(((before and before .. " ") or "") .. "error", kinds(ev), "step " .. tostring(step))
@@ -491,14 +510,14 @@ describe("xmppsm.core parser", function()
     end)
 
     it("waits for the second byte before judging the encoding", function()
-      local p = core.parser()
+      local p = new_parser()
       local _, n = p:feed("\255")
       assert.equal(0, n)
       assert.equal("header", p:state())
       local ev = feed(p, "\254")
       assert.equal("unsupported-encoding", ev[1].a)
       -- reset hands back a first byte still held for that check
-      p = core.parser()
+      p = new_parser()
       p:feed("\254")
       assert.equal("\254", p:reset())
       assert.equal(0, select(2, p:feed("<")))
@@ -555,21 +574,21 @@ describe("xmppsm.core parser", function()
       expect_error(HDR .. "<message a=1/>", "not-well-formed", "header")
       expect_error(HDR .. CLOSE .. "<message/>", "not-well-formed", "header close")
       expect_error("<?xml version='1.0'?> <?xml version='1.0'?>" .. HDR, "not-well-formed")
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, HDR .. "<message></iq>")
       assert.equal("mismatched tag at byte " .. (#HDR + 11), ev[2].b)
     end)
 
     it("still reports what was complete before an error in the same chunk", function()
       expect_error(HDR .. "<a/><b/><c>\255</c>", "not-well-formed", "header stanza stanza")
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, HDR .. "<a/><!--x--><b/>")
       assert.equal("header stanza error", kinds(ev))
       assert.equal("<a/>", ev[2].b)
     end)
 
     it("reports nothing after an error until reset, then parses a new stream", function()
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, HDR .. "<x>&bad;</x><message/>")
       assert.equal("header error", kinds(ev))
       for _ = 1, 3 do
@@ -599,7 +618,7 @@ describe("xmppsm.core parser", function()
 
     local function expect_limit(input, opts, before, what)
       for _, step in ipairs(steps_for(input)) do
-        local p = core.parser(opts)
+        local p = new_parser(opts)
         local ev = feed(p, input, step or nil)
         assert.equal((before ~= "" and before .. " " or "") .. "error", kinds(ev), "step " .. tostring(step))
         assert.equal("policy-violation", ev[#ev].a)
@@ -609,7 +628,7 @@ describe("xmppsm.core parser", function()
 
     local function expect_ok(input, opts, expected)
       for _, step in ipairs(steps_for(input)) do
-        local p = core.parser(opts)
+        local p = new_parser(opts)
         assert.equal(expected, kinds(feed(p, input, step or nil)), "step " .. tostring(step))
       end
     end
@@ -626,7 +645,7 @@ describe("xmppsm.core parser", function()
     end)
 
     it("counts each unit on its own when one chunk holds the end of one and all of the next", function()
-      local p = core.parser { max_stanza_size = 200 }
+      local p = new_parser { max_stanza_size = 200 }
       local a, b = stanza(200), stanza(200)
       assert.equal("header", kinds(feed(p, HDR .. a:sub(1, 150))))
       assert.equal("stanza stanza", kinds(feed(p, a:sub(151) .. b)))
@@ -637,15 +656,15 @@ describe("xmppsm.core parser", function()
 
     it("never hands bytes past the limit to expat", function()
       -- the byte after the limit is not UTF-8: a parser that looked at it would say not-well-formed
-      local p = core.parser { max_stanza_size = 200 }
+      local p = new_parser { max_stanza_size = 200 }
       local ev = feed(p, HDR .. "<m>" .. string.rep("x", 197) .. "\255</m>")
       assert.equal("header error", kinds(ev))
       assert.equal("policy-violation", ev[#ev].a)
-      p = core.parser { max_stanza_size = 200 }
+      p = new_parser { max_stanza_size = 200 }
       ev = feed(p, HDR .. "<m>" .. string.rep("x", 196) .. "\255</m>")
       assert.equal("not-well-formed", ev[#ev].a)
       -- a byte after a complete stanza of exactly the limit starts a new unit and is looked at
-      p = core.parser { max_stanza_size = 200 }
+      p = new_parser { max_stanza_size = 200 }
       ev = feed(p, HDR .. "<m>" .. string.rep("x", 193) .. "</m>\255")
       assert.equal("header stanza error", kinds(ev))
       assert.equal("bad-format", ev[#ev].a)
@@ -673,7 +692,7 @@ describe("xmppsm.core parser", function()
       expect_ok(HDR .. "<a/>" .. long_end, opts, "header stanza close")
       expect_limit(HDR .. "<a/>" .. long_end:sub(1, -2) .. " >", opts, "header stanza", "exceeds")
       -- a long stream of keepalives and stanzas: every gap is a unit of its own
-      local p = core.parser(opts)
+      local p = new_parser(opts)
       feed(p, HDR)
       for _ = 1, 2000 do
         for _ = 1, 150 do p:feed(" ") end
@@ -692,7 +711,7 @@ describe("xmppsm.core parser", function()
       expect_ok(HDR .. string.rep(" ", limit) .. "<a/>", nil, "header stanza")
       expect_limit(HDR .. string.rep(" ", limit + 1) .. "<a/>", nil, "header", "whitespace")
       -- one byte at a time around the edge
-      local p = core.parser()
+      local p = new_parser()
       feed(p, HDR .. big:sub(1, -100))
       assert.equal("stanza", kinds(feed(p, big:sub(-99), 1)))
       assert.equal("", kinds(feed(p, big:sub(1, -2), 1000)))
@@ -734,15 +753,15 @@ describe("xmppsm.core parser", function()
     end)
 
     it("checks its options", function()
-      assert.has_error(function() core.parser { max_stanza_size = 0 } end)
-      assert.has_error(function() core.parser { max_stanza_size = "big" } end)
-      assert.has_error(function() core.parser { max_depth = 1.5 } end)
-      assert.has_error(function() core.parser { max_attributes = -1 } end)
-      assert.has_error(function() core.parser { content_ns = 42 } end)
-      assert.has_error(function() core.parser { stanza_mt = "mt" } end)
-      assert.has_error(function() core.parser { max_stanza_sise = 10 } end)
-      assert.has_error(function() core.parser("opts") end)
-      assert.has_error(function() core.parser():feed({}) end)
+      assert.has_error(function() new_parser { max_stanza_size = 0 } end)
+      assert.has_error(function() new_parser { max_stanza_size = "big" } end)
+      assert.has_error(function() new_parser { max_depth = 1.5 } end)
+      assert.has_error(function() new_parser { max_attributes = -1 } end)
+      assert.has_error(function() new_parser { content_ns = 42 } end)
+      assert.has_error(function() new_parser { stanza_mt = "mt" } end)
+      assert.has_error(function() new_parser { max_stanza_sise = 10 } end)
+      assert.has_error(function() new_parser("opts") end)
+      assert.has_error(function() new_parser():feed({}) end)
     end)
   end)
 
@@ -751,7 +770,7 @@ describe("xmppsm.core parser", function()
     local TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 
     it("pauses after <success/>, keeps pipelined bytes and hands them back from reset()", function()
-      local p = core.parser()
+      local p = new_parser()
       local second = "<?xml version='1.0'?>" .. HDR .. "<stream:features/>"
       local ev = feed(p, HDR .. "<success xmlns='" .. SASL .. "'>dGVzdA==</success>" .. second)
       assert.equal("header stanza", kinds(ev))
@@ -770,25 +789,25 @@ describe("xmppsm.core parser", function()
 
     it("pauses the same way fed one byte at a time", function()
       local input = HDR .. "<success xmlns='" .. SASL .. "'/>" .. HDR .. "<a/>"
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, input, 1)
       assert.equal("header stanza", kinds(ev))
       assert.equal(HDR .. "<a/>", p:reset())
     end)
 
     it("pauses after a TLS <proceed/>; reset() returns whatever followed", function()
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, HDR .. "<proceed xmlns='" .. TLS .. "'/>")
       assert.equal("header stanza", kinds(ev))
       assert.equal("paused", p:state())
       assert.equal("", p:reset())
-      p = core.parser()
+      p = new_parser()
       feed(p, HDR .. "<proceed xmlns='" .. TLS .. "'/>\22\3\1")
       assert.equal("\22\3\1", p:reset())
     end)
 
     it("pauses only for a top-level element in the right namespace", function()
-      local p = core.parser()
+      local p = new_parser()
       local ev = feed(p, HDR .. "<success/><proceed xmlns='" .. SASL .. "'/><message><success xmlns='" .. SASL
         .. "'/></message><a/>")
       assert.equal("header stanza stanza stanza stanza", kinds(ev))
@@ -796,7 +815,7 @@ describe("xmppsm.core parser", function()
     end)
 
     it("refuses to keep more than max_stanza_size bytes while paused", function()
-      local p = core.parser { max_stanza_size = 100 }
+      local p = new_parser { max_stanza_size = 100 }
       feed(p, HDR:gsub(" to='example.com'", "") .. "<success xmlns='" .. SASL .. "'/>" .. string.rep(" ", 60))
       assert.equal("paused", p:state())
       local _, n = p:feed(string.rep(" ", 40))
@@ -809,7 +828,7 @@ describe("xmppsm.core parser", function()
     end)
 
     it("starts a new stream on reset() in any state", function()
-      local p = core.parser()
+      local p = new_parser()
       assert.equal("", p:reset())
       feed(p, HDR .. "<message><body>half")
       assert.equal("open", p:state())
@@ -822,7 +841,7 @@ describe("xmppsm.core parser", function()
     end)
 
     it("stays usable after a misuse error", function()
-      local p = core.parser()
+      local p = new_parser()
       assert.has_error(function() p:feed() end)
       assert.equal("header stanza", kinds(feed(p, HDR .. "<a/>")))
     end)
@@ -830,7 +849,7 @@ describe("xmppsm.core parser", function()
 
   describe("lifetime", function()
     it("closes idempotently; a closed parser raises", function()
-      local p = core.parser()
+      local p = new_parser()
       p:close()
       p:close()
       assert.has_error(function() p:feed("x") end, "attempt to use a closed xmppsm.parser")
@@ -842,18 +861,18 @@ describe("xmppsm.core parser", function()
     it("closes on scope exit and when collected", function()
       local saved
       do
-        local p <close> = core.parser()
+        local p <close> = new_parser()
         p:feed(HDR)
         saved = p
       end
       assert.has_error(function() saved:state() end)
-      for _ = 1, 200 do core.parser():feed(HDR .. "<message>") end
+      for _ = 1, 200 do new_parser():feed(HDR .. "<message>") end
       collectgarbage()
       collectgarbage()
     end)
 
     it("checks that methods get a parser", function()
-      local p = core.parser()
+      local p = new_parser()
       assert.has_error(function() p.feed({}, "x") end)
       assert.has_error(function() p.state(io.stdout) end)
     end)
@@ -870,7 +889,7 @@ describe("xmppsm.core parser", function()
     end
 
     it("stays bounded over 100k stanzas with ever-new names", function()
-      local p = core.parser()
+      local p = new_parser()
       feed(p, HDR)
       local total = 100000
       local per_chunk = 50
@@ -903,7 +922,7 @@ describe("xmppsm.core parser", function()
 
     it("resets expat transparently: namespaces from the header, raw bytes, error positions", function()
       local head = "<stream:stream xmlns='jabber:client' xmlns:stream='" .. STREAMS .. "' xmlns:db='urn:db'>"
-      local p = core.parser { max_stanza_size = #head }
+      local p = new_parser { max_stanza_size = #head }
       feed(p, head)
       local offset = #head
       for i = 1, 500 do
@@ -920,3 +939,4 @@ describe("xmppsm.core parser", function()
     end)
   end)
 end)
+end

@@ -1,0 +1,284 @@
+-- Specs for the parser's lazy elements (csrc/parser.c; docs/core.md, "Lazy elements"): a stanza
+-- parsed with `lazy = true` holds name and attr, and builds its children on first use.
+local core = require "xmppsm.core"
+local stanza = require "xmppsm.stanza"
+
+local STREAMS = "http://etherx.jabber.org/streams"
+local HDR = "<stream:stream xmlns='jabber:client' xmlns:stream='" .. STREAMS
+  .. "' to='example.com' version='1.0'>"
+
+local function fixture(name)
+  local f = assert(io.open("spec/fixtures/" .. name, "rb"))
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- All events of `data` fed at once (following a pause with reset, as a client does).
+local function events(opts, data)
+  local p = core.parser(opts)
+  local out = {}
+  while #data > 0 do
+    local ev, n = p:feed(data)
+    data = ""
+    for k = 1, n do out[#out + 1] = { kind = ev[3 * k - 2], a = ev[3 * k - 1], b = ev[3 * k] } end
+    if p:state() == "paused" then data = p:reset() end
+  end
+  p:close()
+  return out
+end
+
+-- nil when a and b are the same element tables in every raw detail: keys (only name, attr, tags,
+-- 1..n), metatables, attributes, children in order, and `tags` listing the element children.
+local function differ(a, b, path)
+  if type(a) ~= type(b) then return path .. ": " .. type(a) .. " vs " .. type(b) end
+  if type(a) ~= "table" then
+    return a ~= b and (path .. ": " .. tostring(a) .. " vs " .. tostring(b)) or nil
+  end
+  path = path .. "/" .. tostring(rawget(a, "name"))
+  if getmetatable(a) ~= getmetatable(b) then return path .. ": metatables differ" end
+  if rawget(a, "name") ~= rawget(b, "name") then return path .. ": names differ" end
+  for _, t in ipairs { a, b } do
+    for k in next, t do
+      if not (k == "name" or k == "attr" or k == "tags" or math.type(k) == "integer") then
+        return path .. ": key " .. tostring(k)
+      end
+    end
+  end
+  local aa, ba = rawget(a, "attr"), rawget(b, "attr")
+  for k, v in next, aa do if ba[k] ~= v then return path .. ": attribute " .. k end end
+  for k in next, ba do if aa[k] == nil then return path .. ": extra attribute " .. k end end
+  if rawlen(a) ~= rawlen(b) then return path .. ": " .. rawlen(a) .. " vs " .. rawlen(b) .. " children" end
+  local at, bt, ntag = rawget(a, "tags"), rawget(b, "tags"), 0
+  if type(at) ~= "table" or type(bt) ~= "table" then return path .. ": no tags" end
+  for i = 1, rawlen(a) do
+    local d = differ(rawget(a, i), rawget(b, i), path .. "[" .. i .. "]")
+    if d then return d end
+    if type(rawget(a, i)) == "table" then
+      ntag = ntag + 1
+      if rawget(at, ntag) ~= rawget(a, i) or rawget(bt, ntag) ~= rawget(b, i) then return path .. ": tags" end
+    end
+  end
+  if rawlen(at) ~= ntag or rawlen(bt) ~= ntag then return path .. ": tags count" end
+  return nil
+end
+
+-- Parses `data` eagerly and lazily and checks that the events match once materialized.
+local function compare(data, opts)
+  opts = opts or {}
+  local o1, o2 = { lazy = false }, { lazy = true }
+  for k, v in pairs(opts) do o1[k], o2[k] = v, v end
+  local eager, lazy = events(o1, data), events(o2, data)
+  assert.equal(#eager, #lazy)
+  local lazies = 0
+  for i, e in ipairs(eager) do
+    local l = lazy[i]
+    assert.equal(e.kind, l.kind)
+    assert.equal(e.b, l.b) -- raw bytes, error texts
+    if e.kind == "stanza" then
+      if rawget(l.a, "tags") == nil then lazies = lazies + 1 end
+      core.materialize(l.a)
+      assert.is_nil(differ(e.a, l.a, ""))
+    elseif e.kind == "header" then
+      assert.same(e.a, l.a)
+    else
+      assert.equal(e.a, l.a)
+    end
+  end
+  return lazies, #eager
+end
+
+describe("xmppsm.core parser, lazy elements", function()
+  it("is off by default; the option must be a boolean", function()
+    local ev = core.parser():feed(HDR .. "<message><body>x</body></message>")
+    assert.is_table(rawget(ev[5], "tags"))
+    assert.has_error(function() core.parser { lazy = 1 } end)
+    assert.has_error(function() core.parser { lazy = "yes" } end)
+  end)
+
+  it("materialized, equal the eager elements for every recorded transcript, raw bytes identical", function()
+    for _, name in ipairs { "prosody-session.xml", "prosody-badauth.xml", "prosody-badxml.xml" } do
+      local lazies, n = compare(fixture(name), { stanza_mt = stanza.metatable })
+      assert.is_true(lazies > 0 and n > lazies, name)
+      compare(fixture(name))
+    end
+  end)
+
+  it("materialized, equal the eager elements for random stanzas", function()
+    local seed = tonumber(os.getenv("XMPPSM_SEED") or "") or os.time()
+    math.randomseed(seed)
+    local names = { "a", "b", "message", "body", "x", "query", "item" }
+    local nss = { "urn:a", "urn:b", "jabber:client", "jabber:iq:roster" }
+    local texts = { "t", " ", "&amp;", "&lt;x&gt;", "\195\169", "<![CDATA[c]]>", "&#10;", "\n" }
+    local function element(depth, out)
+      local name = names[math.random(#names)]
+      out[#out + 1] = "<" .. name
+      if math.random() < 0.3 then out[#out + 1] = " xmlns='" .. nss[math.random(#nss)] .. "'" end
+      if math.random() < 0.3 then out[#out + 1] = " xml:lang='en'" end
+      if math.random() < 0.3 then out[#out + 1] = " xmlns:p='urn:p' p:q='1'" end
+      for i = 1, math.random(0, 3) do
+        out[#out + 1] = (" a%d='%s'"):format(i, texts[math.random(#texts - 3)])
+      end
+      local n = depth < 6 and math.random(0, 5) or 0
+      if n == 0 then out[#out + 1] = "/>" return end
+      out[#out + 1] = ">"
+      for _ = 1, n do
+        if math.random() < 0.4 then
+          out[#out + 1] = texts[math.random(#texts)]
+        else
+          element(depth + 1, out)
+        end
+      end
+      out[#out + 1] = "</" .. name .. ">"
+    end
+    local parts = { HDR }
+    for _ = 1, 2000 do element(1, parts) end
+    local lazies, n = compare(table.concat(parts), { stanza_mt = stanza.metatable })
+    assert.equal(2000, n - 1, "seed " .. seed)
+    assert.is_true(lazies > 1000, "seed " .. seed)
+  end)
+
+  it("never builds children for name and attr, and builds them once", function()
+    local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
+    local before = core._materialized()
+    local ev = p:feed(HDR .. "<message to='a@b' xmlns='urn:other'><body>hi</body></message><presence/>")
+    local m = ev[5]
+    assert.equal("message", m.name)
+    assert.equal("a@b", m.attr.to)
+    assert.equal("urn:other", m.attr.xmlns)
+    assert.is_true(stanza.is_stanza(m))
+    assert.is_false(stanza.is_stanza(setmetatable({}, { __xmppsm_stanza_mt = {} })))
+    assert.equal(before, core._materialized())
+    assert.is_nil(rawget(m, "tags"))
+    assert.equal(stanza.metatable, getmetatable(ev[8])) -- no children: built as usual
+    assert.equal("hi", m:get_child_text("body"))
+    assert.equal(before + 1, core._materialized())
+    assert.equal(stanza.metatable, getmetatable(m))
+    assert.equal(m, core.materialize(m))
+    assert.equal(before + 1, core._materialized())
+    assert.equal(7, core.materialize(7))
+    assert.equal("hi", m.tags[1][1])
+  end)
+
+  it("costs no materialization when dropped unread, and keeps only its own bytes", function()
+    local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
+    p:feed(HDR)
+    local before = core._materialized()
+    local body = ("<body>" .. ("x"):rep(100) .. "</body>"):rep(10)
+    for _ = 1, 2000 do
+      local ev = p:feed("<message to='a'>" .. body .. "</message>")
+      assert.equal("message", ev[2].name)
+    end
+    assert.equal(before, core._materialized())
+    collectgarbage()
+    local kb = collectgarbage("count")
+    local keep = {}
+    for i = 1, 200 do keep[i] = p:feed("<message to='a'>" .. body .. "</message>")[2] end
+    collectgarbage()
+    -- each holds its table, attr and a copy of its children's records: ~1.2 KiB, not the stream
+    local per = (collectgarbage("count") - kb) * 1024 / 200
+    assert.is_true(per < 4096, ("%.0f bytes per lazy stanza"):format(per))
+    assert.equal(before, core._materialized())
+    assert.equal(10, #keep[200])
+    assert.equal(before + 1, core._materialized())
+  end)
+
+  it("materializes on every stanza method and metamethod", function()
+    local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
+    p:feed(HDR)
+    local src = "<iq type='error' id='1'><query xmlns='jabber:iq:roster'><item jid='a@b'/></query>"
+      .. "<error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
+      .. "<text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>gone</text></error>x</iq>"
+    local ep = core.parser { lazy = false, stanza_mt = stanza.metatable }
+    ep:feed(HDR)
+    local ref = core.serialize(ep:feed(src)[2]) -- attribute order is the hash table's
+    local function fresh()
+      local el = p:feed(src)[2]
+      assert.is_nil(rawget(el, "tags"))
+      return el
+    end
+    local uses = {
+      function(el) return el:get_child("query", "jabber:iq:roster").name == "query" end,
+      function(el) return el:get_child_text("error") == nil end,
+      function(el) return el.tags[1].name == "query" end,
+      function(el) return el[3] == "x" end,
+      function(el) return #el == 3 end,
+      function(el) local n = 0 for _ in ipairs(el) do n = n + 1 end return n == 3 end,
+      function(el)
+        local n = 0
+        for k in pairs(el) do if math.type(k) == "integer" then n = n + 1 end end
+        return n == 3
+      end,
+      function(el) local n = 0 for _ in el:childtags() do n = n + 1 end return n == 1 end,
+      function(el) local n = 0 for _ in el:children() do n = n + 1 end return n == 3 end,
+      function(el)
+        local t, c, x = el:get_error()
+        return t == "cancel" and c == "item-not-found" and x == "gone"
+      end,
+      function(el) el:tag("new"):up() return el[4].name == "new" and el.tags[3].name == "new" end,
+      function(el) el:text("y") return el[3] == "xy" end,
+      function(el) el[4] = "z" return rawget(el, 4) == "z" and el[1].name == "query" end,
+      function(el) el:maptags(function(c) return c.name ~= "error" and c or nil end) return #el.tags == 1 end,
+      function(el) return el:get_text() == nil and #el.tags == 2 end,
+      function(el) return stanza.clone(el)[1].name == "query" end,
+      function(el) return tostring(el) == ref end,
+      function(el) return el:serialize() == ref end,
+      function(el) return core.serialize(el) == ref end,
+      function(el)
+        local before = core._materialized()
+        local ok = stanza.reply(el).attr.id == "1" and core._materialized() == before -- attr only
+        local e = el:get_child("error")
+        return ok and e:get_child_text("text", "urn:ietf:params:xml:ns:xmpp-stanzas") == "gone"
+      end,
+      function(el) return el:top_tag():find("^<iq") ~= nil end,
+    }
+    for i, use in ipairs(uses) do
+      local el = fresh()
+      assert.is_true(use(el), "use " .. i)
+      assert.equal(stanza.metatable, getmetatable(el), "use " .. i)
+      assert.is_nil(differ(el, el, ""))
+    end
+  end)
+
+  it("serializes a never-touched lazy element to its raw bytes' content, also as a child", function()
+    local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
+    p:feed(HDR)
+    local src = "<message xmlns='jabber:client' to='a'><body>a &amp; b</body><x xmlns='urn:x'><y/>t</x>"
+      .. "</message>"
+    local ev = p:feed(src)
+    assert.equal(src, ev[3])
+    local before = core._materialized()
+    assert.equal("<message to='a'><body>a &amp; b</body><x xmlns='urn:x'><y/>t</x></message>",
+      core.serialize(ev[2]))
+    assert.equal(before + 1, core._materialized())
+    local inner = p:feed(src)[2]
+    local outer = stanza.message({ to = "b" }):add_child(inner)
+    assert.equal("<message to='b'><message to='a'><body>a &amp; b</body><x xmlns='urn:x'><y/>t</x>"
+      .. "</message></message>", core.serialize(outer))
+  end)
+
+  it("works without stanza_mt and after the parser is closed or collected", function()
+    local p = core.parser { lazy = true }
+    local ev = p:feed(HDR .. "<message><body>x</body></message>")
+    p:close()
+    p = nil -- luacheck: ignore
+    collectgarbage()
+    local m = ev[5]
+    assert.is_not_nil(getmetatable(m))
+    assert.equal("x", m[1][1])
+    assert.is_nil(getmetatable(m))
+    assert.is_nil(getmetatable(m[1]))
+  end)
+
+  it("materializes deep stanzas (more levels than fit on the C stack array)", function()
+    local depth = 40
+    local s = ("<a>"):rep(depth) .. "t" .. ("</a>"):rep(depth)
+    local lazy = events({ lazy = true, max_depth = 64 }, HDR .. s)[2].a
+    local eager = events({ lazy = false, max_depth = 64 }, HDR .. s)[2].a
+    core.materialize(lazy)
+    assert.is_nil(differ(eager, lazy, ""))
+    local el = lazy
+    for _ = 2, depth do el = el[1] end
+    assert.equal("t", el[1])
+  end)
+end)
