@@ -1432,7 +1432,7 @@ static void check_option_names(lua_State *L) {
 static int l_parser(lua_State *L) {
     parser_t *p;
     lua_Integer max_size, max_depth, max_attrs;
-    int lazy = 0;
+    int lazy = 1;   /* children built on first use: framing pays only for what is read */
     if (lua_isnoneornil(L, 1)) {
         lua_settop(L, 0);
         lua_newtable(L);

@@ -89,8 +89,11 @@ local function compare(data, opts)
 end
 
 describe("xmppsm.core parser, lazy elements", function()
-  it("is off by default; the option must be a boolean", function()
+  it("is on by default, off with lazy = false; the option must be a boolean", function()
     local ev = core.parser():feed(HDR .. "<message><body>x</body></message>")
+    assert.is_nil(rawget(ev[5], "tags"))
+    assert.is_table(ev[5].tags)   -- materialized by the read
+    ev = core.parser{ lazy = false }:feed(HDR .. "<message><body>x</body></message>")
     assert.is_table(rawget(ev[5], "tags"))
     assert.has_error(function() core.parser { lazy = 1 } end)
     assert.has_error(function() core.parser { lazy = "yes" } end)

@@ -7,7 +7,10 @@
 -- whether xmlns is spelled out, the attribute order and how text was split are not.
 local M = {}
 
+local materialize = require("xmppsm.core").materialize
+
 local function children_of(el)
+  materialize(el)   -- raw reads below: a lazy parsed element must have its children first
   local out = {}
   for i = 1, rawlen(el) do
     local c = el[i]
@@ -74,6 +77,7 @@ end
 --- nil when every element's `tags` lists exactly its element children, in order; else where not.
 function M.check_tags(el, path)
   path = (path or "") .. "/" .. tostring(el.name)
+  materialize(el)
   local tags = el.tags
   if type(tags) ~= "table" then return path .. ": no tags table" end
   local j = 0
