@@ -223,13 +223,19 @@ function Transport:_flush()
     else
       if sent and sent >= self.out_pos then self.out_pos = sent + 1 end
       if err == "timeout" or err == "wantwrite" or err == "wantread" then
-        self.want_write = true
+        if not self.want_write then
+          self.want_write = true
+          loop.update(self)
+        end
         return
       end
       return self:close(err or "write failed")
     end
   end
-  self.want_write = false
+  if self.want_write then
+    self.want_write = false
+    loop.update(self)
+  end
   if self.on_drain then self.on_drain() end
 end
 
