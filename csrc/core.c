@@ -13,5 +13,6 @@ int luaopen_xmppsm_core(lua_State *L) {
     xmppsm_open_crypto(L);
     xmppsm_open_clock(L);
     xmppsm_open_file(L);
+    xmppsm_open_poll(L);
     return 1;
 }

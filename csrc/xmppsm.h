@@ -14,5 +14,6 @@ void xmppsm_open_queue(lua_State *L);
 void xmppsm_open_crypto(lua_State *L);
 void xmppsm_open_clock(lua_State *L);
 void xmppsm_open_file(lua_State *L);
+void xmppsm_open_poll(lua_State *L);
 
 #endif

@@ -5,12 +5,9 @@ local core = require "xmppsm.core"
 local socket = require "socket"
 
 local monotime = core.monotime
-local select = socket.select
 
 local loop = {}
 
-local watchers = {}        -- socket -> watcher
-local watcher_list = {}    -- the same watchers, in an array for select()
 local timers = {}          -- binary heap ordered by deadline, then creation order
 local timer_seq = 0
 local active = 0           -- open clients: run() returns when none are left
@@ -112,44 +109,135 @@ local function next_deadline()
 end
 
 -- Sockets ------------------------------------------------------------------------------------
+-- Readiness comes from the core's poller (epoll on Linux, poll() elsewhere), keyed by each
+-- socket's descriptor: no 1024-descriptor limit as with select(), and on Linux a step costs
+-- O(sockets ready + watchers touched), not O(sockets watched). A watcher's interest
+-- (`want_read`, `want_write`) is registered with the kernel and re-read only when it may have
+-- changed: when it is watched, after each of its handlers ran, and on `loop.update(w)`.
+
+local poller = assert(core.poller())
+local by_sock = {}         -- socket -> watcher
+local by_fd = {}           -- descriptor -> watcher
+local sock_of = {}         -- watcher -> the socket it was watched with
+local fd_of = {}           -- watcher -> its descriptor (false when it had none)
+local mask_of = {}         -- watcher -> interest registered with the poller: 1 read, 2 write
+local registered = 0       -- watchers with a non-zero interest registered
+local touched, touched_n, is_touched = {}, 0, {}   -- watchers to re-read before the next wait
+local ready_buf, batch_buf = {}, {}                -- reused by steps that are not nested
+local depth = 0            -- nested loop.step() calls (a handler may step the loop itself)
+
+local function touch(w)
+  if not is_touched[w] then
+    is_touched[w] = true
+    touched_n = touched_n + 1
+    touched[touched_n] = w
+  end
+end
+
+local function set_mask(w, fd, want)
+  local old = mask_of[w]
+  if want == old then return end
+  local ok = poller:set(fd, want & 1 ~= 0, want & 2 ~= 0)
+  -- A socket closed behind the loop's back cannot be registered: select() skipped those too.
+  if not ok then want = 0 end
+  if old ~= 0 and want == 0 then registered = registered - 1
+  elseif old == 0 and want ~= 0 then registered = registered + 1 end
+  mask_of[w] = want
+end
+
+-- Brings the poller up to date with a touched watcher; returns true when its socket holds
+-- bytes already read from the kernel (TLS records decrypted, LuaSocket's buffer) that no
+-- poller can see.
+local function sync(w)
+  if by_sock[sock_of[w]] ~= w then return false end
+  local reads = w.want_read ~= false
+  local fd = fd_of[w]
+  if fd and by_fd[fd] == w then
+    set_mask(w, fd, (reads and 1 or 0) | (w.want_write and 2 or 0))
+  end
+  local sock = w.sock
+  return reads and sock.dirty ~= nil and sock:dirty() and true or false
+end
 
 --- Watches a socket. `w` is a table with `sock`, and `on_readable()`, `on_writable()` methods
--- and a boolean field `want_write` (checked each step); `want_read` defaults to true.
+-- and a boolean field `want_write`; `want_read` defaults to true. Both are read when `w` is
+-- watched, after each of its handlers ran, and when `loop.update(w)` is called: code that
+-- changes them anywhere else calls `loop.update(w)`. Watching a watched watcher again is the
+-- same as `loop.update(w)`; a socket already watched by another watcher is left to that one.
 function loop.watch(w)
-  assert(w.sock, "watcher needs a socket")
-  if not watchers[w.sock] then
-    watchers[w.sock] = w
-    watcher_list[#watcher_list + 1] = w
+  local sock = assert(w.sock, "watcher needs a socket")
+  local current = by_sock[sock]
+  if current then
+    if current == w then touch(w) end
+    return
   end
+  by_sock[sock] = w
+  sock_of[w] = sock
+  local fd = sock.getfd and math.tointeger(sock:getfd())
+  if fd and fd >= 0 then
+    local stale = by_fd[fd]
+    -- A watcher whose socket was closed without unwatch(): its descriptor number is reused.
+    if stale then
+      if mask_of[stale] ~= 0 then registered = registered - 1 end
+      mask_of[stale] = 0
+      fd_of[stale] = false
+    end
+    by_fd[fd] = w
+    fd_of[w] = fd
+  else
+    fd_of[w] = false
+  end
+  mask_of[w] = 0
+  touch(w)
+end
+
+--- Tells the loop that `w.want_read` or `w.want_write` may have changed (see `loop.watch`).
+function loop.update(w)
+  if by_sock[sock_of[w]] == w then touch(w) end
 end
 
 --- Stops watching a socket.
 function loop.unwatch(w)
-  if watchers[w.sock] == w then
-    watchers[w.sock] = nil
-    for i, other in ipairs(watcher_list) do
-      if other == w then table.remove(watcher_list, i) break end
-    end
+  local sock = sock_of[w]
+  if sock == nil or by_sock[sock] ~= w then return end
+  by_sock[sock] = nil
+  sock_of[w] = nil
+  local fd = fd_of[w]
+  if fd and by_fd[fd] == w then
+    by_fd[fd] = nil
+    set_mask(w, fd, 0)
+  elseif mask_of[w] ~= 0 then
+    registered = registered - 1
   end
+  fd_of[w], mask_of[w] = nil, nil
 end
 
 --- Counts an open client, so `run()` keeps going; `loop.release()` undoes it.
 function loop.retain() active = active + 1 end
 function loop.release() active = active - 1 end
 
+-- Whether `w` is still the watcher of the socket it was watched with.
+local function watching(w)
+  local sock = sock_of[w]
+  return sock ~= nil and by_sock[sock] == w
+end
+
 --- Waits for socket activity or a timer for at most `timeout` seconds (nil: until the next
 -- timer), and handles what happened. Returns the number of sockets handled.
 function loop.step(timeout)
-  local readers, writers = {}, {}
-  local pending_tls = false
-  for i = 1, #watcher_list do
-    local w = watcher_list[i]
-    if w.want_read ~= false then
-      readers[#readers + 1] = w.sock
-      -- TLS may hold decrypted bytes that select() cannot see.
-      if w.sock.dirty and w.sock:dirty() then pending_tls = true end
+  depth = depth + 1
+  local nested = depth > 1
+  -- Re-read what may have changed since the last step.
+  local pending, npending = nil, 0
+  local list, n_list = touched, touched_n
+  touched, touched_n, is_touched = {}, 0, {}
+  for i = 1, n_list do
+    local w = list[i]
+    if sync(w) then
+      pending = pending or {}
+      npending = npending + 1
+      pending[npending] = w
     end
-    if w.want_write then writers[#writers + 1] = w.sock end
   end
 
   local now = monotime()
@@ -159,30 +247,60 @@ function loop.step(timeout)
     local until_timer = math.max(0, deadline - now)
     wait = wait and math.min(wait, until_timer) or until_timer
   end
-  if pending_tls then wait = 0 end
-  if #readers == 0 and #writers == 0 then
+  -- TLS may hold decrypted bytes that the poller cannot see.
+  if pending then wait = 0 end
+  if registered == 0 then
     if wait and wait > 0 then socket.sleep(wait) end
+    for i = 1, npending do touch(pending[i]) end
     run_due_timers(monotime())
+    depth = depth - 1
     return 0
   end
 
-  local readable, writable = select(readers, writers, wait)
+  local ready = nested and {} or ready_buf
+  local batch = nested and {} or batch_buf
+  local _, n = poller:wait(wait, ready)
+  n = n or 0
+  -- Watchers are looked up before any handler runs, and each is checked again before its
+  -- turn: a handler may unwatch another socket, or close it and watch a new one that reuses
+  -- the descriptor (which must not receive the old one's readiness).
+  for i = 1, n do
+    batch[2 * i - 1] = by_fd[ready[2 * i - 1]] or false
+    batch[2 * i] = ready[2 * i]
+  end
   local handled = 0
-  for _, sock in ipairs(writable) do
-    local w = watchers[sock]
-    if w then handled = handled + 1; w:on_writable() end
+  local read_done = pending and {}
+  for i = 1, n do
+    local w = batch[2 * i - 1]
+    if w and batch[2 * i] & 2 ~= 0 and watching(w) then
+      handled = handled + 1
+      touch(w)
+      w:on_writable()
+    end
   end
-  for _, sock in ipairs(readable) do
-    local w = watchers[sock]
-    if w then handled = handled + 1; w:on_readable() end
+  for i = 1, n do
+    local w = batch[2 * i - 1]
+    if w and batch[2 * i] & 1 ~= 0 and watching(w) then
+      handled = handled + 1
+      touch(w)
+      if read_done then read_done[w] = true end
+      w:on_readable()
+    end
   end
-  if pending_tls then
-    for i = #watcher_list, 1, -1 do
-      local w = watcher_list[i]
-      if w and w.sock.dirty and w.sock:dirty() and not readable[w.sock] then w:on_readable() end
+  if not nested then
+    for i = 1, 2 * n do batch[i] = nil end
+  end
+  if pending then
+    for i = npending, 1, -1 do
+      local w = pending[i]
+      if watching(w) and not read_done[w] and w.sock:dirty() then
+        touch(w)
+        w:on_readable()
+      end
     end
   end
   run_due_timers(monotime())
+  depth = depth - 1
   return handled
 end
 

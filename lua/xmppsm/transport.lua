@@ -230,14 +230,20 @@ function Transport:_flush()
     else
       if sent and sent >= self.out_pos then self.out_pos = sent + 1 end
       if transient(err) then
-        self.want_write = true
+        if not self.want_write then
+          self.want_write = true
+          loop.update(self)
+        end
         return
       end
       self.broken = err or "write failed"
       return self:close(self.broken)
     end
   end
-  self.want_write = false
+  if self.want_write then
+    self.want_write = false
+    loop.update(self)
+  end
   if self.on_drain then self.on_drain() end
 end
 
