@@ -1,33 +1,17 @@
 -- xmppsm.store against a real crash: a child process appends with durability "write" and
 -- is SIGKILLed at a random moment; everything it was told was stored must load back.
--- Also the cost bound of the "write" mode. Outside spec/core: it is timing-bound, so not run
--- under valgrind.
+-- Outside spec/core: it kills processes at random moments, which valgrind would slow to a crawl.
 local store = require "xmppsm.store"
 local core = require "xmppsm.core"
 local util = require "luassert.util"
 local child = dofile("spec/helpers/store_child.lua")
 
-local LUA = "lua5.4"
-local HELPER = "spec/helpers/store_child.lua"
 
-local function q(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local q = child.quote
 
-local function child_cmd(...)
-  local args = {}
-  for i, a in ipairs { ... } do args[i] = q(a) end
-  return string.format("env LUA_PATH_5_4=%s LUA_CPATH_5_4=%s %s %s %s", q(package.path),
-    q(package.cpath), LUA, HELPER, table.concat(args, " "))
-end
+local child_cmd = child.command
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local read_file = child.read_file
 
 -- Running and not a zombie (a killed orphan may wait a while for its reaper).
 local function alive(pid)
@@ -128,23 +112,20 @@ describe("xmppsm.store killed mid-append", function()
   end
 end)
 
-describe("xmppsm.store cost", function()
-  it("appends 100,000 items and loads them back in well under a second (durability 'write')", function()
-    local path = dir .. "/perf.sm"
+describe("xmppsm.store with many items", function()
+  -- Its cost per item is measured by `make bench` (BENCHMARKS.md); here only the behaviour.
+  it("appends 100,000 items and loads every one back (durability 'write')", function()
+    local path = dir .. "/many.sm"
     local raw = "<message to='peer@example.com' id='%d' type='chat'><body>hello</body></message>"
-    local t0 = core.monotime()
     local s = assert(store.file(path, { durability = "write" }))
     assert(s:load())
     for i = 1, 100000 do assert(s:queued(raw, i)) end
     assert(s:close())
-    local t1 = core.monotime()
     s = assert(store.file(path))
     local state = assert(s:load())
-    local t2 = core.monotime()
     s:close()
     assert.equal(100000, #state.items)
     assert.equal(raw, state.items[100000].raw)
-    local msg = string.format("append %.2f us/item, load %.2f us/item", (t1 - t0) * 10, (t2 - t1) * 10)
-    assert.is_true(t2 - t0 < 1.0, msg)
+    assert.equal(100000, state.items[100000].stamp)
   end)
 end)

@@ -4,37 +4,12 @@ local store = require "xmppsm.store"
 local core = require "xmppsm.core"
 local child = dofile("spec/helpers/store_child.lua")
 
--- The interpreter running these specs (lua5.4, or `make test`'s sanitizer build), so that a
--- child can load the same core.so.
-local LUA = (function()
-  local p = io.popen("readlink /proc/$PPID/exe")
-  local exe = p and p:read("l")
-  if p then p:close() end
-  -- Under valgrind the process is valgrind's tool, not an interpreter a child could be.
-  if not exe or not exe:match("/lua[^/]*$") then exe = "lua5.4" end
-  return exe
-end)()
-local HELPER = "spec/helpers/store_child.lua"
 
-local function q(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local q = child.quote
 
--- A child process loads the same modules as this one (the ASan build under make test-asan).
-local function child_cmd(...)
-  local args = {}
-  for i, a in ipairs { ... } do args[i] = q(a) end
-  return string.format("env LUA_PATH_5_4=%s LUA_CPATH_5_4=%s %s %s %s", q(package.path),
-    q(package.cpath), LUA, HELPER, table.concat(args, " "))
-end
+local child_cmd = child.command
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local read_file = child.read_file
 
 local function write_file(path, data)
   local f = assert(io.open(path, "wb"))

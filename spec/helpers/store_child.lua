@@ -118,6 +118,40 @@ local function main(mode, target)
   end
 end
 
+-- Helpers for the specs that start this file as a child --------------------------------------
+
+--- Quotes one word for /bin/sh.
+function M.quote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+-- The interpreter running the specs (lua5.4, or `make test`'s sanitizer build), so that a
+-- child can load the same core.so; under valgrind the process is valgrind's tool, so lua5.4.
+M.LUA = (function()
+  local p = io.popen("readlink /proc/$PPID/exe")
+  local exe = p and p:read("l")
+  if p then p:close() end
+  if not exe or not exe:match("/lua[^/]*$") then exe = "lua5.4" end
+  return exe
+end)()
+
+--- The shell command running this file in mode `...`, loading the same modules as the caller.
+function M.command(...)
+  local args = {}
+  for i, a in ipairs { ... } do args[i] = M.quote(a) end
+  return string.format("env LUA_PATH_5_4=%s LUA_CPATH_5_4=%s %s %s %s", M.quote(package.path),
+    M.quote(package.cpath), M.LUA, "spec/helpers/store_child.lua", table.concat(args, " "))
+end
+
+--- A whole file, or nil when it cannot be read.
+function M.read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
 if arg and arg[0] and arg[0]:match("store_child%.lua$") then
   main(arg[1], arg[2])
 end
