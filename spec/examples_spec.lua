@@ -105,9 +105,7 @@ end)
 
 describe("make demo", function()
   it("delivers every message through four faults, loses none, exits 0 and stops everything", function()
-    local started = process.now()
     local out, code = run({ "lua5.4", "examples/demo.lua" }, 90)
-    local elapsed = process.now() - started
     assert.equal(0, code, out)
     local summary = {}
     for name, n in out:gmatch("\n  (%a[%a-]*) +(%d+)") do summary[name] = tonumber(n) end
@@ -125,7 +123,6 @@ describe("make demo", function()
     assert.equal(1, count(out, "alice could not resume: item%-not%-found"), out)
     assert.equal(1, count(out, "alice online in a NEW session"), out)
     assert.truthy(out:find("\nOK: nothing lost.", 1, true), out)
-    assert.is_true(elapsed < 40, "took " .. elapsed .. " s")
     assert_stopped(out)
   end)
 

@@ -41,7 +41,7 @@ describe("loop timers", function()
     if not fired_at then loop.step(5) end
     assert.is_number(fired_at)
     assert.is_true(fired_at - t0 >= 0.05 - 1e-3)
-    assert.is_true(fired_at - t0 < 1)
+    assert.is_true(fired_at - t0 < 4.5)   -- not the whole 5 s step
   end)
 
   it("reports a timer that raises through on_error and keeps running the others", function()
