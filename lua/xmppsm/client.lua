@@ -217,7 +217,7 @@ function Client:_attempt()
 end
 
 function Client:_raw(event, bytes)
-  if not self.events:has(event) then return end
+  if not self.events.handlers[event] then return end   -- events:has(event), for every stanza
   if event == "rawIn" and self.redact_in then bytes = "<!-- SASL payload hidden -->" end
   self.events:fire(event, bytes)
 end

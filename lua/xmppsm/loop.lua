@@ -134,6 +134,31 @@ local function touch(w)
   end
 end
 
+-- Work deferred to the end of the current step (loop.defer), in order.
+local deferred, deferred_n = {}, 0
+
+--- Inside a loop step (a handler, a timer, a coroutine the loop resumed): queues `fn()` to run
+-- once the step's handlers and timers are done, before the loop waits again, and returns true.
+-- Outside a step returns false and queues nothing: the caller does the work at once. The
+-- transport uses it to write what a whole step produced in one write.
+function loop.defer(fn)
+  if depth == 0 then return false end
+  deferred_n = deferred_n + 1
+  deferred[deferred_n] = fn
+  return true
+end
+
+local function run_deferred()
+  while deferred_n > 0 do
+    local list, n = deferred, deferred_n
+    deferred, deferred_n = {}, 0
+    for i = 1, n do
+      local ok, err = pcall(list[i])
+      if not ok then loop.on_error(err) end
+    end
+  end
+end
+
 local function set_mask(w, fd, want)
   local old = mask_of[w]
   if want == old then return end
@@ -227,6 +252,8 @@ end
 function loop.step(timeout)
   depth = depth + 1
   local nested = depth > 1
+  -- Left over if an error escaped the previous step.
+  if deferred_n > 0 then run_deferred() end
   -- Re-read what may have changed since the last step.
   local pending, npending = nil, 0
   local list, n_list = touched, touched_n
@@ -253,6 +280,7 @@ function loop.step(timeout)
     if wait and wait > 0 then socket.sleep(wait) end
     for i = 1, npending do touch(pending[i]) end
     run_due_timers(monotime())
+    run_deferred()
     depth = depth - 1
     return 0
   end
@@ -300,6 +328,7 @@ function loop.step(timeout)
     end
   end
   run_due_timers(monotime())
+  run_deferred()
   depth = depth - 1
   return handled
 end

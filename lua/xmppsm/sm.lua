@@ -113,14 +113,21 @@ local function object_of(raw, obj)
 end
 
 function SM:_acked(raw, obj)
-  local st = object_of(raw, obj)
   local cb = obj and self.callbacks[obj]
   if cb then self.callbacks[obj] = nil end
-  self.stats.acked = self.stats.acked + 1
+  local stats = self.stats
+  stats.acked = stats.acked + 1
   local events = self.client.events
-  events:fire("ackedStanza", st)
-  events:fire("ackedRaw", raw)
-  events:fire("ack", st)
+  -- Runs once per acknowledged stanza: events nobody listens to cost a table lookup, not a call
+  -- (nor a re-parse of a stanza restored from the store).
+  local listeners = events.handlers
+  local st = obj
+  if listeners.ackedStanza or listeners.ack or cb then
+    st = object_of(raw, obj)
+    if listeners.ackedStanza then events:fire("ackedStanza", st) end
+  end
+  if listeners.ackedRaw then events:fire("ackedRaw", raw) end
+  if listeners.ack then events:fire("ack", st) end
   if cb then
     local ok, err = pcall(cb, true, nil, st)
     if not ok then self.client:_handler_error("send callback", err) end
@@ -282,7 +289,7 @@ end
 --- Counts a handled inbound stanza (message, presence, iq).
 function SM:count_inbound()
   if not self.enabled then return end
-  self.inbound = core.h_add(self.inbound, 1)
+  self.inbound = (self.inbound + 1) & 0xFFFFFFFF   -- core.h_add(inbound, 1), without a C call
   if self.store then self.store:inbound(self.inbound) end
 end
 

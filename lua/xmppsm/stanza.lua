@@ -190,7 +190,14 @@ end
 -- @tparam[opt] table attr
 -- @return self
 function methods:text_tag(name, text, attr)
-  return self:tag(name, attr):text(text):up()
+  -- Built directly rather than through tag/text/up: the builder position is never touched.
+  local child = new_element(name, attr, 2)
+  if text ~= nil then
+    if type(text) ~= "string" then error("text must be a string, got " .. type(text), 2) end
+    if text ~= "" then child[1] = text end
+  end
+  append(current(self), child, 2)
+  return self
 end
 
 --- `self:tag("query", { xmlns = xmlns })`.
@@ -229,8 +236,13 @@ end
 -- @tparam[opt] string xmlns nil for this element's own namespace (see the module doc)
 -- @return the child, or nil
 function methods:get_child(name, xmlns)
-  for _, child in ipairs(tags_of(self)) do
-    if matches(self, child, name, xmlns) then return child end
+  local tags = rawget(self, "tags") or tags_of(self)
+  -- matches(), inlined: this runs for every stanza a handler looks into.
+  local pns = self.attr.xmlns
+  local want = xmlns or pns
+  for i = 1, #tags do
+    local child = tags[i]
+    if (name == nil or child.name == name) and (child.attr.xmlns or pns) == want then return child end
   end
   return nil
 end
@@ -238,7 +250,12 @@ end
 --- The text of an element: its text children joined, or nil if it has element children.
 -- @treturn string|nil
 function methods:get_text()
-  if #tags_of(self) > 0 then return nil end
+  local tags = rawget(self, "tags") or tags_of(self)
+  if #tags > 0 then return nil end
+  if rawlen(self) == 1 then
+    local only = rawget(self, 1)
+    if type(only) == "string" then return only end
+  end
   return concat(self)
 end
 
@@ -405,7 +422,14 @@ end
 -- @return the stanza, at the top builder position
 function stanza.message(attr, body)
   local st = new_element("message", attr, 2)
-  if body ~= nil then st:text_tag("body", body) end
+  if body ~= nil then
+    if type(body) ~= "string" then error("text must be a string, got " .. type(body), 2) end
+    -- What text_tag("body", body) builds, without its generic steps.
+    local b = setmetatable({ name = "body", attr = {}, tags = {} }, stanza_mt)
+    if body ~= "" then b[1] = body end
+    st[1] = b
+    st.tags[1] = b
+  end
   return st
 end
 

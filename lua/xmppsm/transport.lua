@@ -13,6 +13,9 @@ local Transport = {}
 Transport.__index = Transport
 
 local READ_SIZE = 65536
+-- Bytes queued within one loop step past which they are written at once rather than at the
+-- end of the step.
+local FLUSH_AT = 65536
 local TLS_OPTIONS = { "no_sslv2", "no_sslv3", "no_tlsv1", "no_tlsv1_1", "no_compression" }
 
 -- Errors that only mean "not now" on a non-blocking socket.
@@ -29,9 +32,16 @@ function transport.new(opts)
     on_drain = opts.on_drain,
     out = {},          -- strings waiting to be written, in order
     out_pos = 1,       -- bytes of out[1] already written, plus one
+    out_bytes = 0,     -- bytes queued since the last write attempt
     closed = false,
     want_write = false,
+    flush_pending = false,
   }, Transport)
+  -- Writes what a loop step queued, once the step is done (see Transport:send).
+  t.flush_deferred = function()
+    t.flush_pending = false
+    if not t.closed and not t.want_write then t:_flush() end
+  end
   return t
 end
 
@@ -194,12 +204,25 @@ function Transport:channel_binding()
   return self.sock:exportkeyingmaterial("EXPORTER-Channel-Binding", 32)
 end
 
---- Queues bytes for writing and writes what the socket takes now.
+--- Queues bytes for writing. Outside a loop step they are written at once (what the socket
+-- takes); inside one (a handler, a timer) at the end of the step, so everything the step sent
+-- leaves in one write, one TLS record and one TCP segment where it fits, instead of one per
+-- stanza. Past 64 KiB queued they are written at once anyway. Nagle's algorithm is off
+-- (`tcp-nodelay`): a write is never held back waiting for an acknowledgement.
 function Transport:send(data)
   if self.closed then return nil, "closed" end
   if self.broken then return nil, self.broken end
-  self.out[#self.out + 1] = data
-  if not self.want_write then self:_flush() end
+  local out = self.out
+  out[#out + 1] = data
+  if self.want_write then return true end
+  local bytes = self.out_bytes + #data
+  self.out_bytes = bytes
+  if self.flush_pending and bytes < FLUSH_AT then return true end
+  if bytes < FLUSH_AT and loop.defer(self.flush_deferred) then
+    self.flush_pending = true
+    return true
+  end
+  self:_flush()
   return true
 end
 
@@ -213,6 +236,7 @@ end
 function Transport:_flush()
   if self.broken then return end
   local out = self.out
+  self.out_bytes = 0
   while out[1] do
     if #out > 1 then
       -- Many small stanzas: one write instead of one per stanza.
@@ -271,10 +295,21 @@ function Transport:on_readable()
   end
 end
 
+-- One last write attempt of what is queued, ignoring the outcome: bytes deferred to the end of
+-- the step would have been written before a close made in the same step.
+local function write_once(self)
+  local out = self.out
+  if not out[1] or self.want_write or not self.sock then return end
+  local data = out[1]:sub(self.out_pos) .. table.concat(out, "", 2)
+  pcall(self.sock.send, self.sock, data)
+end
+
 --- Closes the connection (idempotent) and reports `reason` through `on_close`.
 function Transport:close(reason)
   if self.closed then return end
   self.closed = true
+  -- Never after a failed read: LuaSec can spin forever inside the write (see on_readable).
+  if self.flush_pending and not self.broken then write_once(self) end
   loop.unwatch(self)
   if self.sock then self.sock:close() end
   self.on_close(reason or "closed")
@@ -282,6 +317,12 @@ end
 
 --- Closes after writing what is queued, giving up after `timeout` seconds.
 function Transport:close_after_flush(timeout, reason)
+  if self.closed then return end
+  if self.flush_pending and not self.broken then
+    self.flush_pending = false
+    self:_flush()
+    if self.closed then return end
+  end
   if not self.want_write or self.broken then return self:close(reason) end
   self.on_drain = function() self:close(reason) end
   loop.after(timeout, function() self:close(reason) end)

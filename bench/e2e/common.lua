@@ -1,0 +1,84 @@
+--- Shared pieces of the client benchmarks: CPU and memory read from /proc, percentiles, and
+-- the one-line results every workload prints (`RESULT key=value ...`).
+-- @module e2e.common
+local common = {}
+
+local CLK_TCK = 100 -- USER_HZ: what /proc/PID/stat counts in on Linux, whatever the kernel HZ
+
+--- CPU seconds (user + system) used so far by process `pid` (default: this one).
+function common.cpu_seconds(pid)
+  local f = io.open("/proc/" .. (pid or "self") .. "/stat", "r")
+  if not f then return nil end
+  local line = f:read("l")
+  f:close()
+  local rest = line:match(".*%)%s+(.*)$")
+  local fields = {}
+  for word in rest:gmatch("%S+") do fields[#fields + 1] = word end
+  -- rest starts at field 3 (state): utime is field 14, stime field 15
+  return (tonumber(fields[12]) + tonumber(fields[13])) / CLK_TCK
+end
+
+--- A field of /proc/PID/status in KiB (`VmHWM` is the peak resident set, `VmRSS` the current).
+function common.status_kib(field, pid)
+  local f = io.open("/proc/" .. (pid or "self") .. "/status", "r")
+  if not f then return nil end
+  local text = f:read("a")
+  f:close()
+  return tonumber(text:match(field .. ":%s+(%d+)"))
+end
+
+--- The `p`-th percentile (0..100) of a list of numbers, nearest rank; nil for an empty list.
+function common.percentile(list, p)
+  local n = #list
+  if n == 0 then return nil end
+  local sorted = table.move(list, 1, n, 1, {})
+  table.sort(sorted)
+  local rank = math.max(1, math.min(n, math.ceil(p / 100 * n)))
+  return sorted[rank]
+end
+
+--- Prints `RESULT k=v ...` (sorted keys; numbers with up to 6 significant digits).
+function common.result(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local parts = { "RESULT" }
+  for _, k in ipairs(keys) do
+    local v = t[k]
+    if type(v) == "number" and math.type(v) == "float" then v = string.format("%.6g", v) end
+    parts[#parts + 1] = k .. "=" .. tostring(v)
+  end
+  io.stdout:write(table.concat(parts, " "), "\n")
+  io.stdout:flush()
+end
+
+--- Parses the `RESULT` lines of a child's output into a list of tables.
+function common.parse_results(text)
+  local out = {}
+  for line in text:gmatch("[^\n]+") do
+    if line:match("^RESULT ") then
+      local t = {}
+      for k, v in line:gmatch("(%S+)=(%S+)") do t[k] = tonumber(v) or v end
+      out[#out + 1] = t
+    end
+  end
+  return out
+end
+
+--- Command-line arguments `key=value` into a table (numbers converted).
+function common.args(argv)
+  local t = {}
+  for _, a in ipairs(argv) do
+    local k, v = a:match("^([%w_]+)=(.*)$")
+    if k then t[k] = tonumber(v) or v end
+  end
+  return t
+end
+
+--- Latency summary of two lists of seconds: median and p99 in milliseconds, under `prefix`.
+function common.latencies(into, prefix, list)
+  into[prefix .. "_p50_ms"] = (common.percentile(list, 50) or 0) * 1000
+  into[prefix .. "_p99_ms"] = (common.percentile(list, 99) or 0) * 1000
+end
+
+return common
