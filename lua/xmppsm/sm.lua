@@ -70,6 +70,7 @@ function sm.new(client, given, store)
     stats = { resumes = 0, resume_failures = 0, resent = 0, acked = 0, failed = 0,
               rtt_last = nil, rtt_sum = 0, rtt_count = 0 },
   }, SM)
+  self.persist_inbound_deferred = function() self:persist_inbound() end
   if store then self:_restore(store) end
   return self
 end
@@ -264,6 +265,7 @@ function SM:incoming(el)
   if el.attr.xmlns ~= ns.sm then return false end
   local name = el.name
   if name == "r" then
+    self:persist_inbound()
     self.client.conn:send_raw(string.format("<a xmlns='%s' h='%d'/>", ns.sm, self.inbound))
   elseif name == "a" then
     if self.r_outstanding then
@@ -287,9 +289,24 @@ function SM:incoming(el)
 end
 
 --- Counts a handled inbound stanza (message, presence, iq).
+-- The store gets the count once per loop step, not once per stanza: a crash before that only
+-- means the server sends these stanzas again after the resumption (at-least-once, as
+-- documented), and every <a h/> we send is preceded by the count's write (see persist_inbound).
 function SM:count_inbound()
   if not self.enabled then return end
   self.inbound = (self.inbound + 1) & 0xFFFFFFFF   -- core.h_add(inbound, 1), without a C call
+  if self.store and not self.inbound_dirty then
+    self.inbound_dirty = true
+    if not loop.defer(self.persist_inbound_deferred) then self:persist_inbound() end
+  end
+end
+
+--- Writes the inbound count to the store if it changed since the last write. Called before
+-- the count is told to the server: the server forgets what we acknowledged, so the store must
+-- never hold less than that.
+function SM:persist_inbound()
+  if not self.inbound_dirty then return end
+  self.inbound_dirty = false
   if self.store then self.store:inbound(self.inbound) end
 end
 
@@ -308,6 +325,7 @@ function SM:try_resume(neg, features)
     end
     return false
   end
+  self:persist_inbound()
   neg:send(stanza.stanza("resume", { xmlns = ns.sm, previd = self.session.id,
                                      h = tostring(self.inbound) }))
   local reply = neg:next("the resumption reply")
@@ -330,7 +348,7 @@ end
 -- can no longer get their replies.
 function SM:_session_lost(err)
   self.session = nil
-  self.inbound = 0
+  self.inbound, self.inbound_dirty = 0, false
   self.client.iq:fail_all(xmperror.new("iq", "session-lost", "the session was lost before the reply"))
   local items, n = self.queue:clear()
   self.queue:set_counter(0)
@@ -384,7 +402,7 @@ function SM:enable(neg, features, bound_jid)
     return false
   end
   self.enabled = true
-  self.inbound = 0
+  self.inbound, self.inbound_dirty = 0, false
   local resumable = reply.attr.resume == "true" or reply.attr.resume == "1"
   if resumable and reply.attr.id then
     self.session = { id = reply.attr.id, location = reply.attr.location,
@@ -469,6 +487,7 @@ function SM:before_close(conn, timeout, done)
     self.drained = nil
     if timer then timer:cancel() end
     if self.enabled and not conn.ended then
+      self:persist_inbound()
       conn:send_raw(string.format("<a xmlns='%s' h='%d'/>", ns.sm, self.inbound))
     end
     done()
