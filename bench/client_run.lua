@@ -219,34 +219,24 @@ end
 
 local function resume()
   local out = { runs = {} }
-  -- Prosody as installed, then with Nagle's algorithm off on its side: its small writes after
-  -- a TLS 1.3 handshake otherwise wait for the client's delayed ACK of the session tickets
-  -- (about 40 ms), in every login, whatever the client.
-  local variants = { { "default", {} }, { "nodelay", { "network_settings = { nagle = false }" } } }
-  for _, variant in ipairs(variants) do
-    local server = start_prosody({ { "alice", "pw-alice" } }, variant[2])
-    local dir = process.tmpdir("xmppsm-bench")
-    local base = { "host=127.0.0.1", "port=" .. server.port, "domain=" .. server.domain,
-                   "cafile=" .. server.cafile, "cuts=" .. cfg.cuts }
-    io.stderr:write("bench: resume xmppsm (prosody " .. variant[1] .. ")\n")
-    local argv = { "lua5.4", "bench/e2e/xmppsm_resume.lua", "dir=" .. dir }
-    for _, w in ipairs(base) do argv[#argv + 1] = w end
-    local r = run_child(argv)
-    if r then out.runs["xmppsm/" .. variant[1]] = r end
-    if xmppjs_version then
-      -- Its default reconnect delay (1 s) only with the default server: it adds the same second.
-      local delays = variant[1] == "default" and { "0", "default" } or { "0" }
-      for _, delay in ipairs(delays) do
-        io.stderr:write("bench: resume xmpp.js delay " .. delay .. " (prosody " .. variant[1] .. ")\n")
-        argv = { "node", NODE_DIR .. "/xmppjs_resume.mjs" }
-        for _, w in ipairs(base) do argv[#argv + 1] = w end
-        if delay ~= "default" then argv[#argv + 1] = "delay=" .. delay end
-        r = run_child(argv, { NODE_EXTRA_CA_CERTS = server.cafile })
-        if r then out.runs["xmppjs_" .. delay .. "/" .. variant[1]] = r end
-      end
+  local server = start_prosody({ { "alice", "pw-alice" } })
+  local dir = process.tmpdir("xmppsm-bench")
+  local base = { "host=127.0.0.1", "port=" .. server.port, "domain=" .. server.domain,
+                 "cafile=" .. server.cafile, "cuts=" .. cfg.cuts }
+  io.stderr:write("bench: resume xmppsm\n")
+  local argv = { "lua5.4", "bench/e2e/xmppsm_resume.lua", "dir=" .. dir }
+  for _, w in ipairs(base) do argv[#argv + 1] = w end
+  out.runs.xmppsm = run_child(argv)
+  if xmppjs_version then
+    for _, delay in ipairs({ "0", "default" }) do
+      io.stderr:write("bench: resume xmpp.js, reconnect delay " .. delay .. "\n")
+      argv = { "node", NODE_DIR .. "/xmppjs_resume.mjs" }
+      for _, w in ipairs(base) do argv[#argv + 1] = w end
+      if delay ~= "default" then argv[#argv + 1] = "delay=" .. delay end
+      out.runs["xmppjs_" .. delay] = run_child(argv, { NODE_EXTRA_CA_CERTS = server.cafile })
     end
-    server:stop()
   end
+  server:stop()
   return out
 end
 

@@ -157,42 +157,37 @@ local function e2e_rows(t, e)
 end
 
 local function resume_rows(t, res)
-  for _, variant in ipairs({ "default", "nodelay" }) do
-    local ours = res.runs["xmppsm/" .. variant]
-    local js0 = res.runs["xmppjs_0/" .. variant]
-    local jsd = res.runs["xmppjs_default/" .. variant]
-    if ours or js0 then
-      t:section(variant == "default" and "Resumption after a cut (Prosody as installed)"
-                or "Resumption after a cut (Prosody with network_settings = { nagle = false })")
-      local function f(runs, k) return field(runs, k) end
-      local o = f(ours, "resumed_p50_ms")
-      local r = ratio(o, f(js0, "resumed_p50_ms"))
-      t:row("cut noticed -> resumed, median", o, "ms", nil, nil, nil, "< 15 ms", o and o < 15)
-      t:row("cut noticed -> resumed, median", o, "ms", "xmpp.js delay 0", f(js0, "resumed_p50_ms"), r,
-            "<= 1", r and r <= 1)
-      t:row("cut noticed -> resumed, 99th pct", f(ours, "resumed_p99_ms"), "ms", "xmpp.js delay 0",
-            f(js0, "resumed_p99_ms"), ratio(f(ours, "resumed_p99_ms"), f(js0, "resumed_p99_ms")))
-      if jsd then
-        t:row("cut noticed -> resumed, median", o, "ms", "xmpp.js default", f(jsd, "resumed_p50_ms"),
-              ratio(o, f(jsd, "resumed_p50_ms")), "far below", nil)
-      end
-      local ao = f(ours, "acked_p50_ms")
-      r = ratio(ao, f(js0, "acked_p50_ms"))
-      t:row("cut -> re-sent stanza acked, median", ao, "ms", "xmpp.js delay 0", f(js0, "acked_p50_ms"), r,
-            "<= 1", r and r <= 1)
-      t:row("cut -> re-sent stanza acked, 99th pct", f(ours, "acked_p99_ms"), "ms", "xmpp.js delay 0",
-            f(js0, "acked_p99_ms"), ratio(f(ours, "acked_p99_ms"), f(js0, "acked_p99_ms")))
-      if jsd then
-        r = ratio(ao, f(jsd, "acked_p50_ms"))
-        t:row("cut -> re-sent stanza acked, median", ao, "ms", "xmpp.js default", f(jsd, "acked_p50_ms"), r,
-              "far below (<= 0.1)", r and r <= 0.1)
-      end
-      local resumes = f(ours, "resumes")
-      t:row("resumed / cuts (new sessions)", resumes and string.format("%d/%d (%d)", resumes,
-            f(ours, "cuts") or 0, f(ours, "new_sessions") or 0) or nil, nil, "xmpp.js delay 0",
-            js0 and string.format("%d/%d", f(js0, "resumes") or 0, f(js0, "cuts") or 0) or nil)
-    end
+  local ours, js0, jsd = res.runs.xmppsm, res.runs.xmppjs_0, res.runs.xmppjs_default
+  if not (ours or js0) then return end
+  t:section("Resumption after a cut (fault proxy, TLS + SCRAM + <resume/>)")
+  local function f(runs, k) return field(runs, k) end
+  local o = f(ours, "resumed_p50_ms")
+  local r = ratio(o, f(js0, "resumed_p50_ms"))
+  t:row("cut noticed -> resumed, median", o, "ms", nil, nil, nil, "< 15 ms", o and o < 15)
+  t:row("cut noticed -> resumed, median", o, "ms", "xmpp.js delay 0", f(js0, "resumed_p50_ms"), r,
+        "<= 1", r and r <= 1)
+  t:row("cut noticed -> resumed, 99th pct", f(ours, "resumed_p99_ms"), "ms", "xmpp.js delay 0",
+        f(js0, "resumed_p99_ms"), ratio(f(ours, "resumed_p99_ms"), f(js0, "resumed_p99_ms")))
+  r = ratio(o, f(jsd, "resumed_p50_ms"))
+  t:row("cut noticed -> resumed, median", o, "ms", "xmpp.js default", f(jsd, "resumed_p50_ms"), r,
+        "far below (<= 0.1)", r and r <= 0.1)
+  local ao = f(ours, "acked_p50_ms")
+  r = ratio(ao, f(js0, "acked_p50_ms"))
+  t:row("cut -> re-sent stanza acked, median", ao, "ms", "xmpp.js delay 0", f(js0, "acked_p50_ms"), r,
+        "<= 1", r and r <= 1)
+  t:row("cut -> re-sent stanza acked, 99th pct", f(ours, "acked_p99_ms"), "ms", "xmpp.js delay 0",
+        f(js0, "acked_p99_ms"), ratio(f(ours, "acked_p99_ms"), f(js0, "acked_p99_ms")))
+  r = ratio(ao, f(jsd, "acked_p50_ms"))
+  t:row("cut -> re-sent stanza acked, median", ao, "ms", "xmpp.js default", f(jsd, "acked_p50_ms"), r,
+        "far below (<= 0.1)", r and r <= 0.1)
+  local function counts(runs)
+    local n = f(runs, "resumes")
+    if not n then return nil end
+    local s = string.format("%d/%d", n, f(runs, "cuts") or 0)
+    if f(runs, "new_sessions") then s = s .. string.format(" (%d new)", f(runs, "new_sessions")) end
+    return s
   end
+  t:row("resumed / cuts", counts(ours), nil, "xmpp.js delay 0", counts(js0))
 end
 
 local function queue_rows(t, q)
