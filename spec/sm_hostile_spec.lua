@@ -104,6 +104,35 @@ describe("stream management against a scripted server", function()
     assert.same({}, server.errors)
   end)
 
+  it("hands outcomes the stanza parsed back from its bytes once the program forgot it", function()
+    local go_ack
+    local server = serve(function(peer)
+      login_and_enable(peer)
+      read_messages(peer, 3)
+      peer:_wait_until(function() return go_ack end, 5, "the collection")
+      peer:send("<a xmlns='urn:xmpp:sm:3' h='3'/>")
+      peer:wait_closed(5)
+    end)
+    client = new_client(server.port, { store = false, ack_after = 1000 })
+    local acked = acked_bodies(client)
+    local kept = stanza.message({ to = "peer@example.test" }, "kept")
+    local got_kept
+    client:on("ackedStanza", function(st) if st == kept then got_kept = true end end)
+    client:connect()
+    wait.until_true(function() return client:status() == "online" end, 5, "online")
+    assert.is_true(client:send(stanza.message({ to = "peer@example.test" }, "m1")))
+    assert.is_true(client:send(kept))
+    assert.is_true(client:send(stanza.message({ to = "peer@example.test" }, "m3")))
+    wait.until_true(function() return client:sm_state().unacked == 3 end, 5, "3 sent")
+    collectgarbage()
+    collectgarbage()
+    go_ack = true
+    wait.until_true(function() return #acked == 3 end, 5, "3 acks")
+    assert.same({ "m1", "kept", "m3" }, acked)
+    assert.is_true(got_kept)   -- the object still referred to is the one handed back
+    assert.same({}, server.errors)
+  end)
+
   it("stores the inbound count once per read, and before telling it to the server", function()
     local store = require "xmppsm.store"
     local saved = {}   -- the inbound count of each snapshot saved, in order

@@ -191,34 +191,16 @@ local function resume_rows(t, res)
 end
 
 local function queue_rows(t, q)
-  local objects = {}
-  for _, r in ipairs(q.rows) do
-    if r.kind == "object" then objects[r.size] = r.object_per_stanza end
-  end
   local any = false
   for _, r in ipairs(q.rows) do
     if r.kind == "queue" then
       if not any then
-        t:section("Unacknowledged stanzas: memory per stanza (Lua heap), beyond its serialized size")
+        t:section("Unacknowledged stanzas: Lua heap per stanza (the program keeps no reference)")
         any = true
       end
-      local obj = objects[r.nominal]
-      local own = obj and (r.heap_per_stanza - obj - r.size)
-      local label = string.format("%d x %d B: total heap per stanza", r.count, math.floor(r.size + 0.5))
+      local label = string.format("%d x %d B queued", r.count, math.floor(r.size + 0.5))
       t:row(label, r.heap_per_stanza, "B", "serialized size", r.size, ratio(r.heap_per_stanza, r.size),
-            "<= size + small constant", r.overhead_per_stanza <= 256)
-      if own then
-        local sz = math.floor(r.size + 0.5)
-        t:row(string.format("%d x %d B: without the caller's stanza object", r.count, sz),
-              r.heap_per_stanza - obj, "B", "serialized size", r.size, ratio(r.heap_per_stanza - obj, r.size),
-              "<= size + 256 B", own <= 256)
-      end
-    end
-  end
-  for _, r in ipairs(q.rows) do
-    if r.kind == "object" then
-      t:row(string.format("the stanza object kept until its outcome (%d B stanza)", r.size),
-            r.object_per_stanza, "B")
+            "<= size + 256 B", r.overhead_per_stanza <= 256)
     end
   end
   local first = true

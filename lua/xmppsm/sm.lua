@@ -59,7 +59,9 @@ function sm.new(client, given, store)
   local self = setmetatable({
     client = client,
     opts = o,
-    queue = core.queue{ max_items = o.max_queue, max_bytes = o.max_queue_bytes },
+    -- Weak objects: an unacknowledged stanza costs its bytes, not also a table the program
+    -- has forgotten (outcome events then get it parsed back from the bytes).
+    queue = core.queue{ max_items = o.max_queue, max_bytes = o.max_queue_bytes, weak_objects = true },
     unsent = {},           -- { raw=, st=, stamp=, cb= } in send order
     callbacks = {},        -- queue obj (stanza table) -> outcome callback
     enabled = false,       -- SM is on for the current stream
@@ -427,7 +429,7 @@ function SM:online()
     for _, raw, obj, stamp in self.queue:each() do pending[#pending + 1] = { raw, obj, stamp } end
     local conn = self.client.conn
     for _, item in ipairs(pending) do
-      conn:send_raw(self:_with_delay(item[1], item[2], item[3]))
+      conn:send_raw(sm.with_delay(item[1], self.client.bare_jid, item[3]))
     end
     self.stats.resent = self.stats.resent + #pending
     if #pending > 0 then self:_ack_policy() end
@@ -435,7 +437,7 @@ function SM:online()
   local unsent = self.unsent
   self.unsent = {}
   if self.enabled then
-    for _, item in ipairs(unsent) do self:_write(item.raw, item.st or stanza.parse(item.raw), item.stamp) end
+    for _, item in ipairs(unsent) do self:_write(item.raw, item.st, item.stamp) end
   else
     for _, item in ipairs(unsent) do self:_send_unmanaged(item.raw, item.st) end
   end
@@ -444,13 +446,21 @@ function SM:online()
   if resumed then self.client.events:fire("resumed") end
 end
 
--- A message re-sent after a cut says when it was first sent (XEP-0203).
-function SM:_with_delay(raw, obj, stamp)
-  local st = object_of(raw, obj)
-  if st.name ~= "message" or st:get_child("delay", ns.delay) then return raw end
-  local copy = stanza.clone(st)
-  copy:tag("delay", { xmlns = ns.delay, from = self.client.bare_jid, stamp = stamp_string(stamp) }):up()
-  return core.serialize(copy) or raw
+--- A message re-sent after a cut says when it was first sent (XEP-0203): `raw` (our own
+-- serialization of a stanza) with a `<delay from stamp/>` child added when it is a message
+-- without one; other stanzas come back unchanged. Works on the bytes: our serializer writes the
+-- element name without a prefix and the namespace literally, so a message with no
+-- "urn:xmpp:delay" in its bytes has no delay child; only one that has the string is parsed.
+function sm.with_delay(raw, from, stamp)
+  if not raw:find("^<message[%s/>]") then return raw end
+  local delay = "<delay xmlns='" .. ns.delay .. "' from='" .. from .. "' stamp='" ..
+                stamp_string(stamp) .. "'/>"
+  if raw:find(ns.delay, 1, true) then
+    local st = stanza.parse(raw)
+    if not st or st:get_child("delay", ns.delay) then return raw end
+  end
+  if raw:sub(-10) == "</message>" then return raw:sub(1, -11) .. delay .. "</message>" end
+  return raw:sub(1, -3) .. ">" .. delay .. "</message>"   -- <message .../>
 end
 
 function SM:_start_idle_timer()
