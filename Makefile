@@ -114,9 +114,12 @@ fuzz: deps build/fuzz/parser_fuzz
 	  build/fuzz/corpus fuzz/seeds 2>build/fuzz/log.txt || { tail -n 60 build/fuzz/log.txt; exit 1; }
 	@grep -E "^(stat::number_of_executed_units|Done)" build/fuzz/log.txt || true
 
+# Framing and serialization (bench/run.lua), then the client end to end, resumption, queue and
+# scale (bench/client_run.lua; BENCH_QUICK=1 for a short run, BENCH_ONLY=e2e,resume,queue,scale).
 bench: all
 	$(MAKE) --no-print-directory -C bench
 	$(LUA) bench/run.lua
+	$(LUA) bench/client_run.lua
 
 # The API reference from the source comments, into doc/ (lua-discount renders the Markdown;
 # without it LDoc falls back to plain text).

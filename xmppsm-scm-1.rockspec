@@ -30,7 +30,7 @@ build = {
       ["xmppsm.core"] = {
          sources = {
             "csrc/core.c", "csrc/parser.c", "csrc/serialize.c", "csrc/queue.c",
-            "csrc/crypto.c", "csrc/clock.c", "csrc/file.c", "csrc/poll.c",
+            "csrc/crypto.c", "csrc/clock.c", "csrc/file.c", "csrc/poll.c", "csrc/sockopt.c",
          },
          libraries = { "expat", "crypto" },
          incdirs = { "csrc", "$(EXPAT_INCDIR)", "$(OPENSSL_INCDIR)" },

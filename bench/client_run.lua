@@ -215,8 +215,81 @@ local function e2e()
 end
 
 ---------------------------------------------------------------------------------------------
+-- resume
+
+local function resume()
+  local out = { runs = {} }
+  local server = start_prosody({ { "alice", "pw-alice" } })
+  local dir = process.tmpdir("xmppsm-bench")
+  local base = { "host=127.0.0.1", "port=" .. server.port, "domain=" .. server.domain,
+                 "cafile=" .. server.cafile, "cuts=" .. cfg.cuts }
+  io.stderr:write("bench: resume xmppsm\n")
+  local argv = { "lua5.4", "bench/e2e/xmppsm_resume.lua", "dir=" .. dir }
+  for _, w in ipairs(base) do argv[#argv + 1] = w end
+  out.runs.xmppsm = run_child(argv)
+  if xmppjs_version then
+    for _, delay in ipairs({ "0", "default" }) do
+      io.stderr:write("bench: resume xmpp.js, reconnect delay " .. delay .. "\n")
+      argv = { "node", NODE_DIR .. "/xmppjs_resume.mjs" }
+      for _, w in ipairs(base) do argv[#argv + 1] = w end
+      if delay ~= "default" then argv[#argv + 1] = "delay=" .. delay end
+      out.runs["xmppjs_" .. delay] = run_child(argv, { NODE_EXTRA_CA_CERTS = server.cafile })
+    end
+  end
+  server:stop()
+  return out
+end
+
+---------------------------------------------------------------------------------------------
+-- queue
+
+local function queue()
+  local dir = process.tmpdir("xmppsm-bench")
+  local argv = { "lua5.4", "bench/e2e/queue_bench.lua", "dir=" .. dir }
+  if os.getenv("BENCH_QUEUE_SIZES") then argv[#argv + 1] = "sizes=" .. os.getenv("BENCH_QUEUE_SIZES") end
+  if cfg.quick then argv[#argv + 1] = "counts=1000,10000,100000"; argv[#argv + 1] = "max_bytes=100000000" end
+  io.stderr:write("bench: queue\n")
+  local r = run_child(argv, nil, 1200)
+  return { rows = r or {} }
+end
+
+---------------------------------------------------------------------------------------------
+-- scale
+
+local function scale()
+  local levels = {}
+  for n in cfg.scale_sessions:gmatch("%d+") do levels[#levels + 1] = tonumber(n) end
+  local most = math.max(table.unpack(levels))
+  -- Prosody 0.12 uses epoll: no descriptor limit of its own but the process's, which it
+  -- inherits (raised here for it and for us).
+  local server = start_prosody({ { "alice", "pw-alice" } }, { "c2s_timeout = 600" })
+  -- Accounts: copies of alice's (same password, so the same stored SCRAM keys): registering
+  -- a thousand through prosodyctl would take a minute.
+  local accounts = server.dir .. "/data/" .. server.domain:gsub("%.", "%%2e") .. "/accounts/"
+  local text = assert(process.read_file(accounts .. "alice.dat"), "no account file for alice")
+  for i = 1, most do process.write_file(accounts .. "user" .. i .. ".dat", text) end
+  local out = { runs = {} }
+  for _, n in ipairs(levels) do
+    local dir = process.tmpdir("xmppsm-bench")
+    io.stderr:write(string.format("bench: scale %d sessions x %d s\n", n, cfg.scale_seconds))
+    local argv = { "bash", "-c", "ulimit -n 20000 2>/dev/null || ulimit -n $(ulimit -Hn); exec \"$0\" \"$@\"",
+                   "lua5.4", "bench/e2e/scale_client.lua", "host=127.0.0.1", "port=" .. server.port,
+                   "domain=" .. server.domain, "cafile=" .. server.cafile,
+                   "prosody_pid=" .. server.process.pid, "sessions=" .. n,
+                   "seconds=" .. cfg.scale_seconds, "dir=" .. dir }
+    local r = run_child(argv, nil, 1800)
+    if r then out.runs[n] = r[1] end
+  end
+  server:stop()
+  return out
+end
+
+---------------------------------------------------------------------------------------------
 
 if only.e2e then results.e2e = e2e() end
+if only.resume then results.resume = resume() end
+if only.queue then results.queue = queue() end
+if only.scale then results.scale = scale() end
 
 results.seconds = os.time() - started
 local _, load = process.run("cat /proc/loadavg")

@@ -14,5 +14,6 @@ int luaopen_xmppsm_core(lua_State *L) {
     xmppsm_open_clock(L);
     xmppsm_open_file(L);
     xmppsm_open_poll(L);
+    xmppsm_open_sockopt(L);
     return 1;
 }

@@ -68,7 +68,7 @@ static int fail_errno(lua_State *L, const char *what, int err) {
     return 3;
 }
 
-static int check_fd(lua_State *L, int arg) {
+int xmppsm_check_fd(lua_State *L, int arg) {
     int isint;
     lua_Integer fd;
     if (lua_type(L, arg) != LUA_TNUMBER) luaL_typeerror(L, arg, "integer");
@@ -170,7 +170,7 @@ static int epoll_set(poller *p, int fd, int want) {
 /* p:set(fd, read, write): registers, changes or (both false) removes the interest in fd. */
 static int l_set(lua_State *L) {
     poller *p = check_poller(L);
-    int fd = check_fd(L, 2);
+    int fd = xmppsm_check_fd(L, 2);
     int want = (lua_toboolean(L, 3) ? WANT_READ : 0) | (lua_toboolean(L, 4) ? WANT_WRITE : 0);
     int err;
 #ifdef HAVE_EPOLL

@@ -21,6 +21,8 @@
 #include "xmppsm.h"
 
 #define QUEUE_MT "xmppsm.queue"
+/* Registry key of the metatable {__mode = "v"} given to the value table of a weak queue. */
+#define WEAK_VALUES_MT "xmppsm.queue.weak_values"
 
 #define UV_VALUES 1
 #define UV_RING 2
@@ -51,6 +53,7 @@ typedef struct {
     uint32_t acked;
     uint32_t pushed;
     int closed;
+    int weak; /* objs are held weakly (option weak_objects) */
 } queue;
 
 /* ---- counters ---------------------------------------------------------------------------- */
@@ -136,17 +139,22 @@ static lua_Integer opt_limit(lua_State *L, int arg, const char *name, lua_Intege
 
 static queue *new_queue(lua_State *L, int opts) {
     lua_Integer max_items = DEFAULT_MAX_ITEMS, max_bytes = DEFAULT_MAX_BYTES;
+    int weak = 0;
     queue *q;
     if (!lua_isnoneornil(L, opts)) {
         luaL_checktype(L, opts, LUA_TTABLE);
         max_items = opt_limit(L, opts, "max_items", DEFAULT_MAX_ITEMS, MAX_ITEMS_LIMIT);
         max_bytes = opt_limit(L, opts, "max_bytes", DEFAULT_MAX_BYTES, LUA_MAXINTEGER);
+        lua_getfield(L, opts, "weak_objects");
+        weak = lua_toboolean(L, -1);
+        lua_pop(L, 1);
     }
     q = (queue *)lua_newuserdatauv(L, sizeof *q, 2);
     memset(q, 0, sizeof *q);
     q->ring = NULL;
     q->max_items = (size_t)max_items;
     q->max_bytes = (uint64_t)max_bytes;
+    q->weak = weak;
     luaL_setmetatable(L, QUEUE_MT);
     return q;
 }
@@ -160,12 +168,15 @@ static queue *check_queue(lua_State *L) {
 
 /* Pushes a new ring userdata and value table for `cap` slots. Every resize allocates here first,
  * before the queue changes, so an out-of-memory error leaves the queue as it was. */
-static qrec *alloc_storage(lua_State *L, size_t cap) {
+static qrec *alloc_storage(lua_State *L, const queue *q, size_t cap) {
     qrec *r;
     if (cap > SIZE_MAX / sizeof(qrec) || cap > (size_t)INT_MAX / 2)
         luaL_error(L, "queue capacity too large");
     r = (qrec *)lua_newuserdatauv(L, cap * sizeof(qrec), 0);
     lua_createtable(L, (int)(2 * cap), 0);
+    /* Weak values: a collector clears only objects (tables), never the raw strings. */
+    if (q->weak)
+        luaL_setmetatable(L, WEAK_VALUES_MT);
     return r;
 }
 
@@ -215,7 +226,7 @@ static void release_oldest(lua_State *L, queue *q, size_t n) {
     lua_createtable(L, (int)(3 * n), 0); /* n <= count <= 2^29: fits an int */
     res = lua_gettop(L);
     if (newcap != q->cap)
-        nr = alloc_storage(L, newcap);
+        nr = alloc_storage(L, q, newcap);
     if (n == 0)
         return;
     lua_getiuservalue(L, 1, UV_VALUES);
@@ -282,7 +293,7 @@ static int q_push(lua_State *L) {
         return queue_full(L, "queue full: 4294967295 stanzas sent and unacknowledged");
     if (q->count == q->cap) {
         size_t newcap = q->cap ? q->cap * 2 : MIN_CAP;
-        qrec *nr = alloc_storage(L, newcap);
+        qrec *nr = alloc_storage(L, q, newcap);
         install_storage(L, q, nr, newcap, 0);
     }
     idx = (q->head + q->count) & (q->cap - 1);
@@ -580,7 +591,7 @@ static int l_queue_restore(lua_State *L) {
         qrec *nr;
         for (cap = MIN_CAP; cap < count; cap *= 2)
             ;
-        nr = alloc_storage(L, cap);
+        nr = alloc_storage(L, q, cap);
         install_storage(L, q, nr, cap, 0);
         lua_getiuservalue(L, 1, UV_VALUES);
         for (pos = SNAP_HEADER, k = 0; k < count; k++) {
@@ -652,6 +663,11 @@ static const luaL_Reg queue_funcs[] = {
 };
 
 void xmppsm_open_queue(lua_State *L) {
+    if (luaL_newmetatable(L, WEAK_VALUES_MT)) {
+        lua_pushliteral(L, "v");
+        lua_setfield(L, -2, "__mode");
+    }
+    lua_pop(L, 1);
     luaL_newmetatable(L, QUEUE_MT);
     luaL_setfuncs(L, queue_meta, 0);
     luaL_newlib(L, queue_methods);

@@ -15,5 +15,10 @@ void xmppsm_open_crypto(lua_State *L);
 void xmppsm_open_clock(lua_State *L);
 void xmppsm_open_file(lua_State *L);
 void xmppsm_open_poll(lua_State *L);
+void xmppsm_open_sockopt(lua_State *L);
+
+/* The file descriptor at `arg`: an integer (a string is refused, not converted) in 0..INT_MAX,
+ * else a Lua error. */
+int xmppsm_check_fd(lua_State *L, int arg);
 
 #endif

@@ -104,6 +104,69 @@ describe("stream management against a scripted server", function()
     assert.same({}, server.errors)
   end)
 
+  it("hands outcomes the stanza parsed back from its bytes once the program forgot it", function()
+    local go_ack
+    local server = serve(function(peer)
+      login_and_enable(peer)
+      read_messages(peer, 3)
+      peer:_wait_until(function() return go_ack end, 5, "the collection")
+      peer:send("<a xmlns='urn:xmpp:sm:3' h='3'/>")
+      peer:wait_closed(5)
+    end)
+    client = new_client(server.port, { store = false, ack_after = 1000 })
+    local acked = acked_bodies(client)
+    local kept = stanza.message({ to = "peer@example.test" }, "kept")
+    local got_kept
+    client:on("ackedStanza", function(st) if st == kept then got_kept = true end end)
+    client:connect()
+    wait.until_true(function() return client:status() == "online" end, 5, "online")
+    assert.is_true(client:send(stanza.message({ to = "peer@example.test" }, "m1")))
+    assert.is_true(client:send(kept))
+    assert.is_true(client:send(stanza.message({ to = "peer@example.test" }, "m3")))
+    wait.until_true(function() return client:sm_state().unacked == 3 end, 5, "3 sent")
+    collectgarbage()
+    collectgarbage()
+    go_ack = true
+    wait.until_true(function() return #acked == 3 end, 5, "3 acks")
+    assert.same({ "m1", "kept", "m3" }, acked)
+    assert.is_true(got_kept)   -- the object still referred to is the one handed back
+    assert.same({}, server.errors)
+  end)
+
+  it("stores the inbound count once per read, and before telling it to the server", function()
+    local store = require "xmppsm.store"
+    local saved = {}   -- the inbound count of each snapshot saved, in order
+    local function inbound_of(blob)
+      local probe = store.custom{ load = function() return blob end, save = function() end }
+      return assert(probe:load()).inbound
+    end
+    local user_store = { load = function() return nil end,
+                         save = function(blob) saved[#saved + 1] = inbound_of(blob) end }
+    local stored_when_acked
+    local server = serve(function(peer)
+      login_and_enable(peer)
+      -- Five messages and a request, in one write: one read for the client.
+      local burst = {}
+      for i = 1, 5 do burst[i] = "<message from='peer@example.test'><body>in" .. i .. "</body></message>" end
+      peer:send(table.concat(burst) .. "<r xmlns='urn:xmpp:sm:3'/>")
+      local a
+      repeat a = peer:read() until a.name == "a"
+      assert(a.attr.h == "5", "h=" .. tostring(a.attr.h))
+      stored_when_acked = saved[#saved]
+      peer:wait_closed(5)
+    end)
+    client = new_client(server.port, { store = user_store })
+    local received = 0
+    client:on("message", function() received = received + 1 end)
+    client:connect()
+    wait.until_true(function() return stored_when_acked ~= nil end, 5, "the client's <a/>")
+    assert.equal(5, received)
+    assert.equal(5, stored_when_acked)
+    -- Counts 1 to 4 were never written on their own: the five stanzas cost one write.
+    for _, h in ipairs(saved) do assert.is_false(h >= 1 and h <= 4, "a write per stanza") end
+    assert.same({}, server.errors)
+  end)
+
   it("answers an h that acknowledges more than was sent with handled-count-too-high", function()
     local stream_error, second_start
     local server = serve(function(peer, srv)

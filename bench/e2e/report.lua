@@ -156,6 +156,104 @@ local function e2e_rows(t, e)
   return quarter_ok
 end
 
+local function resume_rows(t, res)
+  local ours, js0, jsd = res.runs.xmppsm, res.runs.xmppjs_0, res.runs.xmppjs_default
+  if not (ours or js0) then return end
+  t:section("Resumption after a cut (fault proxy, TLS + SCRAM + <resume/>)")
+  local function f(runs, k) return field(runs, k) end
+  local o = f(ours, "resumed_p50_ms")
+  local r = ratio(o, f(js0, "resumed_p50_ms"))
+  t:row("cut noticed -> resumed, median", o, "ms", nil, nil, nil, "< 15 ms", o and o < 15)
+  t:row("cut noticed -> resumed, median", o, "ms", "xmpp.js delay 0", f(js0, "resumed_p50_ms"), r,
+        "<= 1", r and r <= 1)
+  t:row("cut noticed -> resumed, 99th pct", f(ours, "resumed_p99_ms"), "ms", "xmpp.js delay 0",
+        f(js0, "resumed_p99_ms"), ratio(f(ours, "resumed_p99_ms"), f(js0, "resumed_p99_ms")))
+  r = ratio(o, f(jsd, "resumed_p50_ms"))
+  t:row("cut noticed -> resumed, median", o, "ms", "xmpp.js default", f(jsd, "resumed_p50_ms"), r,
+        "far below (<= 0.1)", r and r <= 0.1)
+  local ao = f(ours, "acked_p50_ms")
+  r = ratio(ao, f(js0, "acked_p50_ms"))
+  t:row("cut -> re-sent stanza acked, median", ao, "ms", "xmpp.js delay 0", f(js0, "acked_p50_ms"), r,
+        "<= 1", r and r <= 1)
+  t:row("cut -> re-sent stanza acked, 99th pct", f(ours, "acked_p99_ms"), "ms", "xmpp.js delay 0",
+        f(js0, "acked_p99_ms"), ratio(f(ours, "acked_p99_ms"), f(js0, "acked_p99_ms")))
+  r = ratio(ao, f(jsd, "acked_p50_ms"))
+  t:row("cut -> re-sent stanza acked, median", ao, "ms", "xmpp.js default", f(jsd, "acked_p50_ms"), r,
+        "far below (<= 0.1)", r and r <= 0.1)
+  local function counts(runs)
+    local n = f(runs, "resumes")
+    if not n then return nil end
+    local s = string.format("%d/%d", n, f(runs, "cuts") or 0)
+    if f(runs, "new_sessions") then s = s .. string.format(" (%d new)", f(runs, "new_sessions")) end
+    return s
+  end
+  t:row("resumed / cuts", counts(ours), nil, "xmpp.js delay 0", counts(js0))
+end
+
+local function queue_rows(t, q)
+  local any = false
+  for _, r in ipairs(q.rows) do
+    if r.kind == "queue" then
+      if not any then
+        t:section("Unacknowledged stanzas: Lua heap per stanza (the program keeps no reference)")
+        any = true
+      end
+      local label = string.format("%d x %d B queued", r.count, math.floor(r.size + 0.5))
+      t:row(label, r.heap_per_stanza, "B", "serialized size", r.size, ratio(r.heap_per_stanza, r.size),
+            "<= size + 256 B", r.overhead_per_stanza <= 256)
+    end
+  end
+  local first = true
+  for _, r in ipairs(q.rows) do
+    if r.kind == "queue" and r.count >= 100000 then
+      if first then t:section("Acknowledging and re-sending, per stanza (CPU, client)") first = false end
+      local sz = math.floor(r.size + 0.5)
+      t:row(string.format("one <a/> for %d x %d B", r.count, sz), r.ack_us, "us")
+      t:row(string.format("re-send %d x %d B after a resume", r.count, sz), r.resend_us, "us")
+    end
+  end
+  first = true
+  for _, r in ipairs(q.rows) do
+    if r.kind == "persist" then
+      if first then t:section("Persisting, per stanza (store durability modes)") first = false end
+      t:row(string.format("client:send(), durability %s (CPU / wall)", r.durability),
+            string.format("%s / %s us", fmt(r.send_us), fmt(r.send_wall_us)))
+      t:row(string.format("Store:queued(), durability %s (CPU / wall)", r.durability),
+            string.format("%s / %s us", fmt(r.queued_us), fmt(r.queued_wall_us)))
+    end
+  end
+end
+
+local function scale_rows(t, sc)
+  local levels = {}
+  for n in pairs(sc.runs) do levels[#levels + 1] = n end
+  table.sort(levels)
+  if #levels == 0 then return end
+  t:section("Scale in one process: a message a second per session")
+  local base = sc.runs[levels[1]]
+  for _, n in ipairs(levels) do
+    local r = sc.runs[n]
+    local label = string.format("%d sessions", n)
+    t:row(label .. ": sent / acked / arrived / lost",
+          string.format("%d / %d / %d / %d", r.sent, r.acked, r.arrived, r.lost), nil, nil, nil, nil,
+          "none lost", r.lost == 0 and r.unacked == 0)
+    local rc = ratio(r.cpu_us_per_msg, base.cpu_us_per_msg)
+    t:row(label .. ": client CPU per message", r.cpu_us_per_msg, "us",
+          string.format("%d sessions", levels[1]), base.cpu_us_per_msg, rc, "flat (<= 1.25)",
+          rc and rc <= 1.25)
+    t:row(label .. ": Prosody CPU per message", r.prosody_cpu_us_per_msg, "us")
+    local rm = ratio(r.heap_kib_per_session, base.heap_kib_per_session)
+    t:row(label .. ": Lua heap per session", r.heap_kib_per_session, "KiB",
+          string.format("%d sessions", levels[1]), base.heap_kib_per_session, rm, "flat (<= 1.25)",
+          rm and rm <= 1.25)
+    t:row(label .. ": resident memory per session", r.rss_kib_per_session, "KiB",
+          string.format("%d sessions", levels[1]), base.rss_kib_per_session,
+          ratio(r.rss_kib_per_session, base.rss_kib_per_session))
+    t:row(label .. ": time to log every session in", r.connect_seconds, "s", "Prosody CPU for it",
+          r.connect_prosody_cpu)
+  end
+end
+
 --- The whole report: a header (machine, versions, settings) and the table.
 function report.render(results)
   local m, c = results.machine, results.cfg
@@ -172,6 +270,9 @@ function report.render(results)
   }
   local t = new_table()
   if results.e2e then e2e_rows(t, results.e2e) end
+  if results.resume then resume_rows(t, results.resume) end
+  if results.queue then queue_rows(t, results.queue) end
+  if results.scale then scale_rows(t, results.scale) end
   if report.extra then
     for _, fn in ipairs(report.extra) do fn(t, results) end
   end

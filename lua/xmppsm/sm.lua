@@ -59,7 +59,9 @@ function sm.new(client, given, store)
   local self = setmetatable({
     client = client,
     opts = o,
-    queue = core.queue{ max_items = o.max_queue, max_bytes = o.max_queue_bytes },
+    -- Weak objects: an unacknowledged stanza costs its bytes, not also a table the program
+    -- has forgotten (outcome events then get it parsed back from the bytes).
+    queue = core.queue{ max_items = o.max_queue, max_bytes = o.max_queue_bytes, weak_objects = true },
     unsent = {},           -- { raw=, st=, stamp=, cb= } in send order
     callbacks = {},        -- queue obj (stanza table) -> outcome callback
     enabled = false,       -- SM is on for the current stream
@@ -70,6 +72,7 @@ function sm.new(client, given, store)
     stats = { resumes = 0, resume_failures = 0, resent = 0, acked = 0, failed = 0,
               rtt_last = nil, rtt_sum = 0, rtt_count = 0 },
   }, SM)
+  self.persist_inbound_deferred = function() self:persist_inbound() end
   if store then self:_restore(store) end
   return self
 end
@@ -264,6 +267,7 @@ function SM:incoming(el)
   if el.attr.xmlns ~= ns.sm then return false end
   local name = el.name
   if name == "r" then
+    self:persist_inbound()
     self.client.conn:send_raw(string.format("<a xmlns='%s' h='%d'/>", ns.sm, self.inbound))
   elseif name == "a" then
     if self.r_outstanding then
@@ -287,9 +291,24 @@ function SM:incoming(el)
 end
 
 --- Counts a handled inbound stanza (message, presence, iq).
+-- The store gets the count once per loop step, not once per stanza: a crash before that only
+-- means the server sends these stanzas again after the resumption (at-least-once, as
+-- documented), and every <a h/> we send is preceded by the count's write (see persist_inbound).
 function SM:count_inbound()
   if not self.enabled then return end
   self.inbound = (self.inbound + 1) & 0xFFFFFFFF   -- core.h_add(inbound, 1), without a C call
+  if self.store and not self.inbound_dirty then
+    self.inbound_dirty = true
+    if not loop.defer(self.persist_inbound_deferred) then self:persist_inbound() end
+  end
+end
+
+--- Writes the inbound count to the store if it changed since the last write. Called before
+-- the count is told to the server: the server forgets what we acknowledged, so the store must
+-- never hold less than that.
+function SM:persist_inbound()
+  if not self.inbound_dirty then return end
+  self.inbound_dirty = false
   if self.store then self.store:inbound(self.inbound) end
 end
 
@@ -308,6 +327,7 @@ function SM:try_resume(neg, features)
     end
     return false
   end
+  self:persist_inbound()
   neg:send(stanza.stanza("resume", { xmlns = ns.sm, previd = self.session.id,
                                      h = tostring(self.inbound) }))
   local reply = neg:next("the resumption reply")
@@ -330,7 +350,7 @@ end
 -- can no longer get their replies.
 function SM:_session_lost(err)
   self.session = nil
-  self.inbound = 0
+  self.inbound, self.inbound_dirty = 0, false
   self.client.iq:fail_all(xmperror.new("iq", "session-lost", "the session was lost before the reply"))
   local items, n = self.queue:clear()
   self.queue:set_counter(0)
@@ -384,7 +404,7 @@ function SM:enable(neg, features, bound_jid)
     return false
   end
   self.enabled = true
-  self.inbound = 0
+  self.inbound, self.inbound_dirty = 0, false
   local resumable = reply.attr.resume == "true" or reply.attr.resume == "1"
   if resumable and reply.attr.id then
     self.session = { id = reply.attr.id, location = reply.attr.location,
@@ -409,7 +429,7 @@ function SM:online()
     for _, raw, obj, stamp in self.queue:each() do pending[#pending + 1] = { raw, obj, stamp } end
     local conn = self.client.conn
     for _, item in ipairs(pending) do
-      conn:send_raw(self:_with_delay(item[1], item[2], item[3]))
+      conn:send_raw(sm.with_delay(item[1], self.client.bare_jid, item[3]))
     end
     self.stats.resent = self.stats.resent + #pending
     if #pending > 0 then self:_ack_policy() end
@@ -417,7 +437,7 @@ function SM:online()
   local unsent = self.unsent
   self.unsent = {}
   if self.enabled then
-    for _, item in ipairs(unsent) do self:_write(item.raw, item.st or stanza.parse(item.raw), item.stamp) end
+    for _, item in ipairs(unsent) do self:_write(item.raw, item.st, item.stamp) end
   else
     for _, item in ipairs(unsent) do self:_send_unmanaged(item.raw, item.st) end
   end
@@ -426,13 +446,21 @@ function SM:online()
   if resumed then self.client.events:fire("resumed") end
 end
 
--- A message re-sent after a cut says when it was first sent (XEP-0203).
-function SM:_with_delay(raw, obj, stamp)
-  local st = object_of(raw, obj)
-  if st.name ~= "message" or st:get_child("delay", ns.delay) then return raw end
-  local copy = stanza.clone(st)
-  copy:tag("delay", { xmlns = ns.delay, from = self.client.bare_jid, stamp = stamp_string(stamp) }):up()
-  return core.serialize(copy) or raw
+--- A message re-sent after a cut says when it was first sent (XEP-0203): `raw` (our own
+-- serialization of a stanza) with a `<delay from stamp/>` child added when it is a message
+-- without one; other stanzas come back unchanged. Works on the bytes: our serializer writes the
+-- element name without a prefix and the namespace literally, so a message with no
+-- "urn:xmpp:delay" in its bytes has no delay child; only one that has the string is parsed.
+function sm.with_delay(raw, from, stamp)
+  if not raw:find("^<message[%s/>]") then return raw end
+  local delay = "<delay xmlns='" .. ns.delay .. "' from='" .. from .. "' stamp='" ..
+                stamp_string(stamp) .. "'/>"
+  if raw:find(ns.delay, 1, true) then
+    local st = stanza.parse(raw)
+    if not st or st:get_child("delay", ns.delay) then return raw end
+  end
+  if raw:sub(-10) == "</message>" then return raw:sub(1, -11) .. delay .. "</message>" end
+  return raw:sub(1, -3) .. ">" .. delay .. "</message>"   -- <message .../>
 end
 
 function SM:_start_idle_timer()
@@ -469,6 +497,7 @@ function SM:before_close(conn, timeout, done)
     self.drained = nil
     if timer then timer:cancel() end
     if self.enabled and not conn.ended then
+      self:persist_inbound()
       conn:send_raw(string.format("<a xmlns='%s' h='%d'/>", ns.sm, self.inbound))
     end
     done()

@@ -139,6 +139,32 @@ describe("core.queue", function()
     assert.equal(obj, listing(q)[1].obj) -- the very table, not a copy
   end)
 
+  it("holds objs weakly with weak_objects: a forgotten one reads false, bytes stay", function()
+    local q = core.queue({ weak_objects = true, max_items = 100 })
+    local kept = { name = "kept" }
+    q:push("<a/>", kept, 1)
+    -- enough pushes to grow the ring twice: the weak mode must survive every resize
+    for i = 2, 40 do q:push("<m" .. i .. "/>", { name = "forgotten" .. i }, i) end
+    collectgarbage()
+    collectgarbage()
+    local items = listing(q)
+    assert.equal(40, #items)
+    assert.equal(kept, items[1].obj)
+    for i = 2, 40 do
+      assert.equal("<m" .. i .. "/>", items[i].raw)
+      assert.is_false(items[i].obj)
+    end
+    local released, n = q:ack(40)
+    assert.equal(40, n)
+    assert.equal(kept, released[2])
+    assert.is_false(released[5])
+    -- a strong queue keeps them all
+    local strong = core.queue()
+    strong:push("<x/>", { name = "x" }, 1)
+    collectgarbage()
+    assert.is_table(listing(strong)[1].obj)
+  end)
+
   it("checks its arguments", function()
     local q = core.queue()
     assert.has_error(function() q:push(1, nil, 0) end)

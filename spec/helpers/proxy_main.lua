@@ -33,6 +33,11 @@
 
 local socket = require "socket"
 local system = require "system"
+-- A network does not delay acknowledgements, but a relay's own socket would (about 40 ms,
+-- whenever the relay has nothing to send back), and a server using Nagle's algorithm would
+-- wait for them: ACK at once, as the client does (xmppsm.core, when it is built).
+local has_core, core = pcall(require, "xmppsm.core")
+local quickack = has_core and core.tcp_quickack or function() end
 
 local target_host, target_port = arg[1], tonumber(arg[2])
 local parent_pid = tonumber(arg[3])
@@ -299,6 +304,7 @@ end
 
 local function fill(c, dir)
   local data, err, partial = c.src[dir]:receive(READ_SIZE)
+  quickack(c.src[dir]:getfd())
   data = data or partial
   if data and #data > 0 then c.buf[dir] = c.buf[dir] .. data end
   if err == "closed" then
