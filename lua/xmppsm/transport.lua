@@ -280,7 +280,8 @@ function Transport:on_readable()
   -- Acknowledge what arrives at once: a server that holds its small writes back with Nagle's
   -- algorithm would otherwise wait for our delayed ACK (about 40 ms) whenever we have nothing
   -- to send, in every log-in and resumption (measured in bench/client_run.lua).
-  core.tcp_quickack(sock:getfd())
+  local fd = sock:getfd()
+  if fd >= 0 then core.tcp_quickack(fd) end
   while not self.closed do
     local data, err, partial = sock:receive(READ_SIZE)
     if not data and not transient(err) then
