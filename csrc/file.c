@@ -171,6 +171,48 @@ static int file_mkdirs(lua_State *L) {
     return 1;
 }
 
+/* Continues a CRC-32 (ISO-HDLC, as zlib) over n more bytes; start with 0xFFFFFFFF, end with ^. */
+static uint32_t crc32_update(const uint32_t *table, uint32_t crc, const unsigned char *s, size_t n) {
+    for (size_t k = 0; k < n; k++)
+        crc = table[(crc ^ s[k]) & 0xFFu] ^ (crc >> 8);
+    return crc;
+}
+
+static void put_le32(unsigned char *w, uint32_t v) {
+    w[0] = (unsigned char)v;
+    w[1] = (unsigned char)(v >> 8);
+    w[2] = (unsigned char)(v >> 16);
+    w[3] = (unsigned char)(v >> 24);
+}
+
+/* core.write_record(file, rtype, a [, b]) -> true | nil, err, errno
+ * Writes one record of xmppsm.store's journal (format in lua/xmppsm/store.lua): the payload
+ * length (u32 LE), rtype (u8) and their CRC-32, the payload a .. b, and its CRC-32; through the
+ * handle's stdio buffer, as file:write would (flushing is the caller's choice). In C because a
+ * record is written for every stanza sent: this spares the payload's concatenation and three
+ * strings per record. */
+static int file_write_record(lua_State *L) {
+    const uint32_t *table = (const uint32_t *)lua_touserdata(L, lua_upvalueindex(1));
+    FILE *f = check_stream(L, 1);
+    lua_Integer rtype = luaL_checkinteger(L, 2);
+    size_t alen, blen = 0;
+    const unsigned char *a = (const unsigned char *)luaL_checklstring(L, 3, &alen);
+    const unsigned char *b = (const unsigned char *)luaL_optlstring(L, 4, "", &blen);
+    unsigned char head[9], tail[4];
+    luaL_argcheck(L, rtype >= 0 && rtype <= 255, 2, "record type out of range 0..255");
+    luaL_argcheck(L, alen <= 0xFFFFFFFFu && blen <= 0xFFFFFFFFu - alen, 3, "record too large");
+    put_le32(head, (uint32_t)(alen + blen));
+    head[4] = (unsigned char)rtype;
+    put_le32(head + 5, crc32_update(table, 0xFFFFFFFFu, head, 5) ^ 0xFFFFFFFFu);
+    put_le32(tail, crc32_update(table, crc32_update(table, 0xFFFFFFFFu, a, alen), b, blen) ^ 0xFFFFFFFFu);
+    errno = 0;
+    if (fwrite(head, 1, sizeof head, f) != sizeof head || fwrite(a, 1, alen, f) != alen ||
+        fwrite(b, 1, blen, f) != blen || fwrite(tail, 1, sizeof tail, f) != sizeof tail)
+        return push_errno(L, "write", "record", errno ? errno : EIO);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 /* core.crc32(s [, i [, j]]): CRC-32 (ISO-HDLC, as zlib) of s:sub(i, j), an integer. The range
  * lets a reader check a record in place without copying it out of the file's contents. */
 static int file_crc32(lua_State *L) {
@@ -190,8 +232,8 @@ static int file_crc32(lua_State *L) {
     else if (j > n)
         j = n;
     uint32_t crc = 0xFFFFFFFFu;
-    for (lua_Integer k = i - 1; k < j; k++)
-        crc = table[(crc ^ s[k]) & 0xFFu] ^ (crc >> 8);
+    if (j >= i)
+        crc = crc32_update(table, crc, s + i - 1, (size_t)(j - i + 1));
     lua_pushinteger(L, (lua_Integer)(crc ^ 0xFFFFFFFFu));
     return 1;
 }
@@ -215,6 +257,9 @@ void xmppsm_open_file(lua_State *L) {
             c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
         table[n] = c;
     }
+    lua_pushvalue(L, -1);
     lua_pushcclosure(L, file_crc32, 1);
-    lua_setfield(L, -2, "crc32");
+    lua_setfield(L, -3, "crc32");
+    lua_pushcclosure(L, file_write_record, 1);
+    lua_setfield(L, -2, "write_record");
 }

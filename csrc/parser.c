@@ -707,7 +707,8 @@ static const char *open_element(build_t *b, const char *r, int depth, int lazy_m
     pnslen = depth == 0 ? b->root_ns_len : lv[depth - 1].nslen;
     differs = nslen != pnslen || memcmp(name, pns, nslen) != 0;
 
-    lua_createtable(L, (int)nchild, 3);
+    /* a lazy stanza gets its array when (if) it is materialized */
+    lua_createtable(L, lazy_mt ? 0 : (int)nchild, 3);
     if (mt != 0) {
         lua_pushvalue(L, mt);
         lua_setmetatable(L, -2);

@@ -58,7 +58,7 @@ local core = require "xmppsm.core"
 local store = {}
 
 local spack, sunpack = string.pack, string.unpack
-local crc32 = core.crc32
+local crc32, write_record = core.crc32, core.write_record
 local mtype, tointeger = math.type, math.tointeger
 local concat = table.concat
 local fsync, fsync_dir, open_file = core.fsync, core.fsync_dir, core.open_file
@@ -472,7 +472,7 @@ function Store:queued(raw, stamp)
   if self.append_only and not self.broken then
     -- The file store's common case: write the record, then change the state (nothing to roll
     -- back when the write fails). The same outcome as the general path below, fewer steps.
-    local ok, err = self:_write_record(T_QUEUED, spack("<d", stamp) .. raw)
+    local ok, err = self:_write_record(T_QUEUED, spack("<d", stamp), raw)
     if not ok then return nil, err end
     apply_queued(self, raw, stamp)
     self:_maybe_compact()
@@ -605,11 +605,11 @@ function FileStore:_rewrite()
   return true
 end
 
--- Writes one record to the journal with the store's durability, changing nothing else; a
--- failure marks the journal broken (see _append).
-function FileStore:_write_record(rtype, payload)
+-- Writes one record (payload `a` .. `b`, `b` optional) to the journal with the store's
+-- durability, changing nothing else; a failure marks the journal broken (see _append).
+function FileStore:_write_record(rtype, a, b)
   local f = self.journal
-  local ok, err = f:write(record_parts(rtype, payload))
+  local ok, err = write_record(f, rtype, a, b)
   if ok then
     local d = self.durability
     if d == "write" then ok, err = f:flush() elseif d == "fsync" then ok, err = fsync(f) end
@@ -618,7 +618,7 @@ function FileStore:_write_record(rtype, payload)
     self.broken = true
     return nil, "xmppsm.store: writing " .. self.path .. ": " .. tostring(err)
   end
-  self.journal_bytes = self.journal_bytes + #payload + REC_OVERHEAD
+  self.journal_bytes = self.journal_bytes + #a + (b and #b or 0) + REC_OVERHEAD
   return true
 end
 

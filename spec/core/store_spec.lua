@@ -86,6 +86,38 @@ local function release(pipe)
 end
 
 describe("core file functions", function()
+  it("write_record writes length, type, header CRC, payload a .. b and payload CRC", function()
+    local path = os.tmpname()
+    local f = assert(io.open(path, "wb"))
+    assert.is_true(core.write_record(f, 5, "12345678", "<message/>"))
+    assert.is_true(core.write_record(f, 7, "\0\0\0\42"))
+    assert.is_true(core.write_record(f, 255, ""))
+    f:close()
+    local function record(rtype, payload)
+      local head = string.pack("<I4B", #payload, rtype)
+      return head .. string.pack("<I4", core.crc32(head)) .. payload
+        .. string.pack("<I4", core.crc32(payload))
+    end
+    local g = assert(io.open(path, "rb"))
+    local got = g:read("a")
+    g:close()
+    assert.equal(record(5, "12345678<message/>") .. record(7, "\0\0\0\42") .. record(255, ""), got)
+    -- a handle opened for reading cannot take it: nil, err (or the bytes wait in stdio's buffer
+    -- and the error comes with the flush, as with file:write)
+    local r = assert(io.open(path, "rb"))
+    local ok, err = core.write_record(r, 5, string.rep("x", 1 << 16))
+    if ok then ok, err = r:flush() end
+    assert.is_nil(ok)
+    assert.is_string(err)
+    r:close()
+    assert.has_error(function() core.write_record(r, 5, "x") end)          -- closed
+    assert.has_error(function() core.write_record(io.stdout, 256, "x") end) -- type out of range
+    assert.has_error(function() core.write_record(io.stdout, -1, "x") end)
+    assert.has_error(function() core.write_record("file", 1, "x") end)
+    assert.has_error(function() core.write_record(io.stdout, 1, nil) end)
+    os.remove(path)
+  end)
+
   it("crc32 is the zlib CRC-32, over string.sub ranges", function()
     assert.equal(0xCBF43926, core.crc32("123456789"))
     assert.equal(0x414FA339, core.crc32("The quick brown fox jumps over the lazy dog"))
