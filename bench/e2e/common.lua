@@ -26,6 +26,19 @@ function common.cpu_seconds(pid)
   return (tonumber(fields[12]) + tonumber(fields[13])) / CLK_TCK
 end
 
+--- Runs xmppsm's loop in steps of `step` seconds (default 0.05) until `cond()` is true; raises
+-- "timed out waiting for <what>" after `seconds`. The loop is required here, not at the top,
+-- so that the floor client, which shares this module, never loads xmppsm.
+function common.wait_for(cond, seconds, what, step)
+  local loop = require "xmppsm.loop"
+  local now = require("xmppsm.core").monotime
+  local deadline = now() + seconds
+  while not cond() do
+    if now() > deadline then error("timed out waiting for " .. what) end
+    loop.step(step or 0.05)
+  end
+end
+
 --- A field of /proc/PID/status in KiB (`VmHWM` is the peak resident set, `VmRSS` the current).
 function common.status_kib(field, pid)
   local f = io.open("/proc/" .. (pid or "self") .. "/status", "r")

@@ -134,13 +134,7 @@ loop.watch(accept_watcher)
 
 ---------------------------------------------------------------------------------------------
 
-local function wait_for(cond, seconds, what)
-  local deadline = now() + seconds
-  while not cond() do
-    if now() > deadline then error("timed out waiting for " .. what) end
-    loop.step(0.05)
-  end
-end
+local wait_for = common.wait_for
 
 local run_id = 0
 local function new_client(durability, max_items)

@@ -114,7 +114,7 @@ local function e2e_rows(t, e)
     local ours, js, floor = e.runs["xmppsm/" .. to], e.runs["xmppjs/" .. to], e.runs["floor/" .. to]
     local label = to == "self" and "to itself" or "to a second account"
     t:section(string.format("End to end, %s messages %s", fmt(field(ours, "n") or 0), label))
-    local function f(runs, k) return field(runs, k) end
+    local f = field
     local o_rate, j_rate = f(ours, "msgs_per_s"), f(js, "msgs_per_s")
     t:row("messages per second", o_rate, "msg/s", "xmpp.js", j_rate, ratio(o_rate, j_rate))
     t:row("messages per second", o_rate, "msg/s", "floor", f(floor, "msgs_per_s"),
@@ -160,26 +160,20 @@ local function resume_rows(t, res)
   local ours, js0, jsd = res.runs.xmppsm, res.runs.xmppjs_0, res.runs.xmppjs_default
   if not (ours or js0) then return end
   t:section("Resumption after a cut (fault proxy, TLS + SCRAM + <resume/>)")
-  local function f(runs, k) return field(runs, k) end
-  local o = f(ours, "resumed_p50_ms")
-  local r = ratio(o, f(js0, "resumed_p50_ms"))
-  t:row("cut noticed -> resumed, median", o, "ms", nil, nil, nil, "< 15 ms", o and o < 15)
-  t:row("cut noticed -> resumed, median", o, "ms", "xmpp.js delay 0", f(js0, "resumed_p50_ms"), r,
-        "<= 1", r and r <= 1)
-  t:row("cut noticed -> resumed, 99th pct", f(ours, "resumed_p99_ms"), "ms", "xmpp.js delay 0",
-        f(js0, "resumed_p99_ms"), ratio(f(ours, "resumed_p99_ms"), f(js0, "resumed_p99_ms")))
-  r = ratio(o, f(jsd, "resumed_p50_ms"))
-  t:row("cut noticed -> resumed, median", o, "ms", "xmpp.js default", f(jsd, "resumed_p50_ms"), r,
-        "far below (<= 0.1)", r and r <= 0.1)
-  local ao = f(ours, "acked_p50_ms")
-  r = ratio(ao, f(js0, "acked_p50_ms"))
-  t:row("cut -> re-sent stanza acked, median", ao, "ms", "xmpp.js delay 0", f(js0, "acked_p50_ms"), r,
-        "<= 1", r and r <= 1)
-  t:row("cut -> re-sent stanza acked, 99th pct", f(ours, "acked_p99_ms"), "ms", "xmpp.js delay 0",
-        f(js0, "acked_p99_ms"), ratio(f(ours, "acked_p99_ms"), f(js0, "acked_p99_ms")))
-  r = ratio(ao, f(jsd, "acked_p50_ms"))
-  t:row("cut -> re-sent stanza acked, median", ao, "ms", "xmpp.js default", f(jsd, "acked_p50_ms"), r,
-        "far below (<= 0.1)", r and r <= 0.1)
+  local f = field
+  local measures = { { "resumed", "cut noticed -> resumed" }, { "acked", "cut -> re-sent stanza acked" } }
+  for _, m in ipairs(measures) do
+    local p50, p99, label = m[1] .. "_p50_ms", m[1] .. "_p99_ms", m[2]
+    local o = f(ours, p50)
+    if m[1] == "resumed" then t:row(label .. ", median", o, "ms", nil, nil, nil, "< 15 ms", o and o < 15) end
+    local r = ratio(o, f(js0, p50))
+    t:row(label .. ", median", o, "ms", "xmpp.js delay 0", f(js0, p50), r, "<= 1", r and r <= 1)
+    t:row(label .. ", 99th pct", f(ours, p99), "ms", "xmpp.js delay 0", f(js0, p99),
+          ratio(f(ours, p99), f(js0, p99)))
+    r = ratio(o, f(jsd, p50))
+    t:row(label .. ", median", o, "ms", "xmpp.js default", f(jsd, p50), r, "far below (<= 0.1)",
+          r and r <= 0.1)
+  end
   local function counts(runs)
     local n = f(runs, "resumes")
     if not n then return nil end

@@ -19,13 +19,7 @@ local now = core.monotime
 local S, SECONDS = a.sessions or 10, a.seconds or 60
 local PREFIX = a.prefix or "user"
 
-local function wait_for(cond, seconds, what)
-  local deadline = now() + seconds
-  while not cond() do
-    if now() > deadline then error("timed out waiting for " .. what) end
-    loop.step(0.1)
-  end
-end
+local function wait_for(cond, seconds, what) return common.wait_for(cond, seconds, what, 0.1) end
 
 local function heap_kib()
   collectgarbage()

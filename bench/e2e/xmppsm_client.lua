@@ -44,13 +44,7 @@ receiver:on("message", function(m)
   end
 end)
 
-local function wait_for(cond, seconds, what)
-  local deadline = now() + seconds
-  while not cond() do
-    if now() > deadline then error("timed out waiting for " .. what) end
-    loop.step(0.1)
-  end
-end
+local function wait_for(cond, seconds, what) return common.wait_for(cond, seconds, what, 0.1) end
 
 sender:connect()
 if receiver ~= sender then receiver:connect() end

@@ -33,13 +33,7 @@ local resumes, new_sessions = 0, 0
 client:on("resumed", function() resumes = resumes + 1 end)
 client:on("online", function() new_sessions = new_sessions + 1 end)
 
-local function wait_for(cond, seconds, what)
-  local deadline = now() + seconds
-  while not cond() do
-    if now() > deadline then error("timed out waiting for " .. what) end
-    loop.step(0.05)
-  end
-end
+local wait_for = common.wait_for
 
 client:connect()
 wait_for(function() return client:status() == "online" end, 30, "online")

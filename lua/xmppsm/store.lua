@@ -164,27 +164,16 @@ local function decode_session(data, pos)
   return s, pos
 end
 
--- A record's length, type and header CRC. Most records repeat a few lengths (an ack and an
--- inbound count always have the same one), so the 9 bytes are kept for reuse.
-local head_cache, head_cache_n = {}, 0
-local function record_head(n, rtype)
-  local key = n * 8 + rtype
-  local h = head_cache[key]
-  if not h then
-    local head = spack("<I4B", n, rtype)
-    h = head .. spack("<I4", crc32(head))
-    if head_cache_n >= 1024 then head_cache, head_cache_n = {}, 0 end
-    head_cache[key] = h
-    head_cache_n = head_cache_n + 1
-  end
-  return h
+local function check_payload(payload)
+  if #payload > MAX_PAYLOAD then error("xmppsm.store: state too large for one record", 0) end
+  return payload
 end
 
--- The record's bytes as the pieces `file:write` takes, to spare a copy of a large payload.
-local function record_parts(rtype, payload)
-  local n = #payload
-  if n > MAX_PAYLOAD then error("xmppsm.store: state too large for one record", 0) end
-  return record_head(n, rtype), payload, spack("<I4", crc32(payload))
+-- A whole record as one string, for the custom store's blob; the file store writes records with
+-- core.write_record, which lays out the same bytes.
+local function record_string(rtype, payload)
+  local head = spack("<I4B", #check_payload(payload), rtype)
+  return concat { head, spack("<I4", crc32(head)), payload, spack("<I4", crc32(payload)) }
 end
 
 -- ===========================================================================================
@@ -579,7 +568,8 @@ function FileStore:_rewrite()
   if not f then return nil, "xmppsm.store: " .. err end
   f:setvbuf("full", COMPACT_SLACK)
   local ok
-  ok, err = f:write(HEADER, record_parts(T_SNAPSHOT, payload))
+  ok, err = f:write(HEADER)
+  if ok then ok, err = write_record(f, T_SNAPSHOT, check_payload(payload)) end
   if ok then
     if self.durability == "none" then ok, err = f:flush() else ok, err = fsync(f) end
   end
@@ -815,7 +805,7 @@ CustomStore.__close = gc_close
 CustomStore.__name = "xmppsm.store"
 
 local function save_snapshot(self)
-  local blob = concat { HEADER, record_parts(T_SNAPSHOT, encode_snapshot(self)) }
+  local blob = HEADER .. record_string(T_SNAPSHOT, encode_snapshot(self))
   local ok, r1, r2 = pcall(self.save_fn, blob)
   if not ok then return nil, "xmppsm.store: save failed: " .. tostring(r1) end
   if r1 == false or (r1 == nil and r2 ~= nil) then
