@@ -461,7 +461,7 @@ function Store:queued(raw, stamp)
   if self.append_only and not self.broken then
     -- The file store's common case: write the record, then change the state (nothing to roll
     -- back when the write fails). The same outcome as the general path below, fewer steps.
-    local ok, err = self:_write_record(T_QUEUED, spack("<d", stamp), raw)
+    local ok, err = self:_write_record(T_QUEUED, stamp, raw)   -- the stamp packed as "<d"
     if not ok then return nil, err end
     apply_queued(self, raw, stamp)
     self:_maybe_compact()
@@ -595,20 +595,20 @@ function FileStore:_rewrite()
   return true
 end
 
--- Writes one record (payload `a` .. `b`, `b` optional) to the journal with the store's
--- durability, changing nothing else; a failure marks the journal broken (see _append).
+-- Writes one record (payload `a` .. `b`, `b` optional; `a` a string, or a number written as
+-- "<d") to the journal with the store's durability, changing nothing else; a failure marks the
+-- journal broken (see _append).
 function FileStore:_write_record(rtype, a, b)
   local f = self.journal
-  local ok, err = write_record(f, rtype, a, b)
-  if ok then
-    local d = self.durability
-    if d == "write" then ok, err = f:flush() elseif d == "fsync" then ok, err = fsync(f) end
-  end
+  local d = self.durability
+  local ok, err = write_record(f, rtype, a, b, d == "write")
+  if ok and d == "fsync" then ok, err = fsync(f) end
   if not ok then
     self.broken = true
     return nil, "xmppsm.store: writing " .. self.path .. ": " .. tostring(err)
   end
-  self.journal_bytes = self.journal_bytes + #a + (b and #b or 0) + REC_OVERHEAD
+  local alen = type(a) == "number" and 8 or #a
+  self.journal_bytes = self.journal_bytes + alen + (b and #b or 0) + REC_OVERHEAD
   return true
 end
 

@@ -118,6 +118,56 @@ describe("core file functions", function()
     os.remove(path)
   end)
 
+  it("write_record packs a number part as \"<d\" and flushes when asked", function()
+    local path = os.tmpname()
+    local f = assert(io.open(path, "wb"))
+    assert.is_true(core.write_record(f, 5, 1234.5, "<message/>", true))
+    -- flushed: another handle sees the whole record without f:flush()
+    local function read_all()
+      local g = assert(io.open(path, "rb"))
+      local got = g:read("a")
+      g:close()
+      return got
+    end
+    local payload = string.pack("<d", 1234.5) .. "<message/>"
+    local head = string.pack("<I4B", #payload, 5)
+    local expected = head .. string.pack("<I4", core.crc32(head)) .. payload
+      .. string.pack("<I4", core.crc32(payload))
+    assert.equal(expected, read_all())
+    -- not asked: the record waits in stdio's buffer
+    assert.is_true(core.write_record(f, 7, -0.25))
+    assert.equal(expected, read_all())
+    f:flush()
+    local p2 = string.pack("<d", -0.25)
+    local h2 = string.pack("<I4B", 8, 7)
+    assert.equal(expected .. h2 .. string.pack("<I4", core.crc32(h2)) .. p2
+                 .. string.pack("<I4", core.crc32(p2)), read_all())
+    assert.has_error(function() core.write_record(f, 5, 1.0, 2.0) end)  -- one number at most
+    f:close()
+    os.remove(path)
+  end)
+
+  it("crc32 agrees with the bytewise definition at every length and offset", function()
+    local function reference(s)
+      local crc = 0xFFFFFFFF
+      for i = 1, #s do
+        crc = crc ~ s:byte(i)
+        for _ = 1, 8 do
+          crc = (crc & 1) == 1 and (0xEDB88320 ~ (crc >> 1)) or (crc >> 1)
+        end
+      end
+      return crc ~ 0xFFFFFFFF
+    end
+    local bytes = {}
+    for i = 1, 70 do bytes[i] = string.char((i * 37 + 11) % 256) end
+    local s = table.concat(bytes)
+    for i = 1, 9 do
+      for j = i - 1, #s do
+        assert.equal(reference(s:sub(i, j)), core.crc32(s, i, j))
+      end
+    end
+  end)
+
   it("crc32 is the zlib CRC-32, over string.sub ranges", function()
     assert.equal(0xCBF43926, core.crc32("123456789"))
     assert.equal(0x414FA339, core.crc32("The quick brown fox jumps over the lazy dog"))
@@ -642,7 +692,7 @@ describe("xmppsm.store", function()
     local n = tonumber(got:match("queued (%d+)\n"))
     assert.is_number(n, got)
     assert.is_true(n > 10, got)
-    assert.matches("failed xmppsm.store: writing " .. path .. ": File too large", got, 1, true)
+    assert.matches("failed xmppsm.store: writing " .. path .. ": write record: File too large", got, 1, true)
     -- the failed calls left no item behind
     assert.equal(2, select(2, got:gsub("count " .. n .. "\n", "")), got)
     assert.matches("again nil\n", got, 1, true) -- too big to fit even after a rewrite
