@@ -198,6 +198,7 @@ local function e2e()
         end
         argv[#argv + 1] = "n=" .. n
         argv[#argv + 1] = "to=self"
+        argv[#argv + 1] = "latencies=0"
         argv[#argv + 1] = "dir=" .. d
         io.stderr:write("bench: callgrind " .. impl[1] .. " n=" .. n .. "\n")
         if run_child(argv) then
