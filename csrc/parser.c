@@ -862,11 +862,125 @@ static void materialize_at(lua_State *L, int idx) {
     lua_setmetatable(L, idx);
 }
 
+/* A method the target metatable lists in __xmppsm_lazy_methods is returned as it is: such a
+ * method handles a lazy element itself (xmppsm.stanza's get_child_text reads the recorded
+ * children with core.lazy_child_text), so looking it up builds nothing. */
 static int lazy_index(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 2);
+    if (lua_type(L, 2) == LUA_TSTRING && lua_istable(L, LAZY_TARGET)) {
+        lua_pushliteral(L, "__xmppsm_lazy_methods");
+        if (lua_rawget(L, LAZY_TARGET) == LUA_TTABLE) {
+            lua_pushvalue(L, 2);
+            if (lua_rawget(L, -2) != LUA_TNIL) return 1;
+        }
+        lua_settop(L, 2);
+    }
     materialize_at(L, 1);
     lua_gettable(L, 1);
+    return 1;
+}
+
+/* The lazy_t of the lazy element at `idx`, its records in [*r, *end), or NULL when `idx` is
+ * not a lazy element (built, or materialized already). Pops what it pushed. */
+static const lazy_t *lazy_records(lua_State *L, int idx, const char **r, const char **end) {
+    const lazy_t *z;
+    if (lua_rawgetp(L, idx, &LAZY_KEY) != LUA_TUSERDATA) {
+        lua_pop(L, 1);
+        return NULL;
+    }
+    z = lua_touserdata(L, -1);
+    if (lua_rawlen(L, -1) < sizeof *z || z->magic != LAZY_MAGIC ||
+        lua_rawlen(L, -1) != sizeof *z + z->nslen + z->len || z->len == 0)
+        luaL_error(L, "xmppsm.parser: corrupt lazy element");
+    lua_pop(L, 1); /* the element keeps the userdata alive while we read it */
+    *r = (const char *)(z + 1) + z->nslen;
+    *end = *r + z->len;
+    return z;
+}
+
+/* Skips REC_OPEN's fields after its name: the attributes. */
+static const char *skip_attrs(const char *r) {
+    uint32_t nattr, i;
+    const char *s;
+    size_t n;
+    r = get_u32(r, &nattr);
+    for (i = 0; i < 2 * nattr; i++) r = get_str(r, &s, &n);
+    return r;
+}
+
+/* found, text = core.lazy_child_text(el, name, want, pns)
+ * For a lazy element, without building anything: the first child element named `name` (any
+ * name when nil) whose `attr.xmlns or pns` equals `want` (both may be nil), as get_child
+ * matches; found is false when there is none, else text is what get_text would return (the
+ * text, "" for none, nil when the child has element children). Returns nothing when `el` is
+ * not a lazy element, so the caller takes the general path. */
+static int l_lazy_child_text(lua_State *L) {
+    const char *r, *end, *want_name, *want, *pns, *sns;
+    size_t want_name_len = 0, want_len = 0, pns_len = 0;
+    const lazy_t *z;
+    int depth = 0;
+    luaL_checktype(L, 1, LUA_TTABLE);
+    want_name = luaL_optlstring(L, 2, NULL, &want_name_len);
+    want = luaL_optlstring(L, 3, NULL, &want_len);
+    pns = luaL_optlstring(L, 4, NULL, &pns_len);
+    z = lazy_records(L, 1, &r, &end);
+    if (z == NULL) return 0;
+    sns = (const char *)(z + 1);
+    while (r < end) {
+        uint32_t nchild, ntag;
+        const char *name, *sep, *local, *eff;
+        size_t nlen, nslen, eff_len;
+        switch (*r++) {
+        case REC_TEXT:
+            r = get_str(r, &name, &nlen);
+            break;
+        case REC_CLOSE:
+            if (--depth < 0) r = end; /* the stanza's own end: no such child */
+            break;
+        case REC_OPEN:
+            r = get_u32(r, &nchild);
+            r = get_u32(r, &ntag);
+            r = get_str(r, &name, &nlen);
+            r = skip_attrs(r);
+            if (depth++ != 0) break;
+            sep = memchr(name, '\1', nlen);
+            local = sep ? sep + 1 : name;
+            nslen = sep ? (size_t)(sep - name) : 0;
+            if (want_name != NULL && (nlen - (size_t)(local - name) != want_name_len ||
+                                      memcmp(local, want_name, want_name_len) != 0))
+                break;
+            /* attr.xmlns is set when the child's namespace differs from the stanza's */
+            if (nslen != z->nslen || memcmp(name, sns, nslen) != 0) {
+                eff = name;
+                eff_len = nslen;
+            } else {
+                eff = pns;
+                eff_len = pns_len;
+            }
+            if ((eff == NULL) != (want == NULL) ||
+                (eff != NULL && (eff_len != want_len || memcmp(eff, want, want_len) != 0)))
+                break;
+            lua_pushboolean(L, 1);
+            if (ntag > 0) {
+                lua_pushnil(L);
+            } else {
+                luaL_Buffer b;
+                luaL_buffinit(L, &b);
+                while (r < end && *r == REC_TEXT) {
+                    const char *t;
+                    size_t tlen;
+                    r = get_str(r + 1, &t, &tlen);
+                    luaL_addlstring(&b, t, tlen);
+                }
+                luaL_pushresult(&b);
+            }
+            return 2;
+        default:
+            return luaL_error(L, "xmppsm.parser: corrupt lazy element");
+        }
+    }
+    lua_pushboolean(L, 0);
     return 1;
 }
 
@@ -1515,4 +1629,6 @@ void xmppsm_open_parser(lua_State *L) {
     lua_setfield(L, -2, "materialize");
     lua_pushcfunction(L, l_materialized);
     lua_setfield(L, -2, "_materialized");
+    lua_pushcfunction(L, l_lazy_child_text);
+    lua_setfield(L, -2, "lazy_child_text");
 }

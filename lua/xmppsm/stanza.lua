@@ -35,7 +35,7 @@ local type, error, setmetatable, getmetatable, tostring, pairs, ipairs =
   type, error, setmetatable, getmetatable, tostring, pairs, ipairs
 local rawget, rawlen = rawget, rawlen
 local concat = table.concat
-local serialize, materialize = core.serialize, core.materialize
+local serialize, materialize, lazy_child_text = core.serialize, core.materialize, core.lazy_child_text
 
 local xmlns_stanzas = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
@@ -264,10 +264,20 @@ end
 -- @tparam[opt] string xmlns
 -- @treturn string|nil
 function methods:get_child_text(name, xmlns)
+  if rawget(self, "tags") == nil then
+    -- A lazy stanza from the parser: read its recorded children, build none (a handler
+    -- reading a message's body is the common case). Anything else takes the general path.
+    local pns = self.attr.xmlns
+    local found, text = lazy_child_text(self, name, xmlns or pns, pns)
+    if found ~= nil then return text end
+  end
   local child = self:get_child(name, xmlns)
   if child then return child:get_text() end
   return nil
 end
+
+-- Looked up on a lazy element without materializing it (docs/core.md, "Lazy elements").
+stanza_mt.__xmppsm_lazy_methods = { get_child_text = methods.get_child_text }
 
 --- Iterates the child elements with this name and namespace (same matching as `get_child`).
 -- @tparam[opt] string name
