@@ -12,9 +12,9 @@
  * - expat interns every distinct element and attribute name for the life of an XML_Parser, so a
  *   long stream of ever-new names would grow without bound. After 2 * max_stanza_size bytes the
  *   next stanza end "rebases": expat is reset and the stream header replayed into it.
- * - With `lazy`, a stanza with children is handed out as its table with name and attr only, plus
- *   a copy of its children's tape records; build() turns them into tables on first use, from a
- *   metamethod (outside expat, like the walk), with the same code the eager walk uses.
+ * - With `lazy`, a stanza with children is handed out as its table with its name only, plus a
+ *   copy of its attributes' and children's tape records; these become tables on first use, from
+ *   a metamethod (outside expat, like the walk), with the same code the eager walk uses.
  */
 #include <stdarg.h>
 #include <stdint.h>
@@ -645,12 +645,14 @@ static void push_attr_key(lua_State *L, const char *k, size_t klen) {
     }
 }
 
-static const char *read_attrs(lua_State *L, const char *r, int extra) {
+/* Pushes the attr table of the records at r (nattr, then name/value pairs), with `xmlns` = ns
+ * when the element's namespace differs from its parent's. */
+static const char *read_attrs(lua_State *L, const char *r, int differs, const char *ns, size_t nslen) {
     uint32_t nattr, i;
     const char *k, *v;
     size_t klen, vlen;
     r = get_u32(r, &nattr);
-    lua_createtable(L, 0, (int)nattr + extra);
+    lua_createtable(L, 0, (int)nattr + differs);
     for (i = 0; i < nattr; i++) {
         r = get_str(r, &k, &klen);
         r = get_str(r, &v, &vlen);
@@ -658,6 +660,20 @@ static const char *read_attrs(lua_State *L, const char *r, int extra) {
         lua_pushlstring(L, v, vlen);
         lua_rawset(L, -3);
     }
+    if (differs) {
+        PUSH_K(L, K_XMLNS);
+        lua_pushlstring(L, ns, nslen);
+        lua_rawset(L, -3);
+    }
+    return r;
+}
+
+static const char *skip_attrs(const char *r) {
+    uint32_t nattr, i;
+    const char *s;
+    size_t n;
+    r = get_u32(r, &nattr);
+    for (i = 0; i < 2 * nattr; i++) r = get_str(r, &s, &n);
     return r;
 }
 
@@ -665,10 +681,7 @@ static const char *emit_header(out_t *o, const char *r) {
     lua_State *L = o->L;
     parser_t *p = o->p;
     uint64_t end;
-    r = read_attrs(L, r, 1);
-    PUSH_K(L, K_XMLNS);
-    lua_pushlstring(L, p->content_ns, p->content_ns_len);
-    lua_rawset(L, -3);
+    r = read_attrs(L, r, 1, p->content_ns, p->content_ns_len);
     r = get_u64(r, &end);
     if (p->raw_base != 0 || end > raw_end(p)) luaL_error(L, "xmppsm.parser: the header's bytes were dropped");
     push_raw(L, p, 0, end);
@@ -688,46 +701,59 @@ typedef struct {
     size_t root_ns_len;
 } build_t;
 
-/* REC_OPEN: pushes the new element table and, unless `lazy_mt` (the stanza's own table in lazy
- * mode, which gets that metatable and no tags yet), its tags table. */
-static const char *open_element(build_t *b, const char *r, int depth, int lazy_mt) {
-    lua_State *L = b->L;
+/* An element's name on the tape ("uri\1local" or "local"), split, and whether its namespace
+ * differs from its parent's (then attr.xmlns says it). */
+typedef struct {
+    const char *ns, *local;
+    size_t nslen, locallen;
+    int differs;
+} name_t;
+
+/* REC_OPEN after the child counts: reads the name of the element at `depth` and notes its
+ * namespace for its children. Returns the record's attributes. */
+static const char *read_name(build_t *b, const char *r, int depth, name_t *e) {
     level_t *lv = b->lv;
-    const char *name, *local, *sep, *pns;
-    size_t nlen, nslen, pnslen;
-    uint32_t nchild, ntag;
-    int differs, mt = lazy_mt ? lazy_mt : b->mt;
-    r = get_u32(r, &nchild);
-    r = get_u32(r, &ntag);
+    const char *name, *sep, *pns;
+    size_t nlen, pnslen;
     r = get_str(r, &name, &nlen);
     sep = memchr(name, '\1', nlen);
-    local = sep ? sep + 1 : name;
-    nslen = sep ? (size_t)(sep - name) : 0;
+    e->ns = name;
+    e->local = sep ? sep + 1 : name;
+    e->nslen = sep ? (size_t)(sep - name) : 0;
+    e->locallen = nlen - (size_t)(e->local - name);
     pns = depth == 0 ? b->root_ns : lv[depth - 1].ns;
     pnslen = depth == 0 ? b->root_ns_len : lv[depth - 1].nslen;
-    differs = nslen != pnslen || memcmp(name, pns, nslen) != 0;
+    e->differs = e->nslen != pnslen || memcmp(name, pns, e->nslen) != 0;
+    lv[depth].ns = name;
+    lv[depth].nslen = e->nslen;
+    lv[depth].nchild = lv[depth].ntag = 0;
+    return r;
+}
 
-    /* a lazy stanza gets its array when (if) it is materialized */
-    lua_createtable(L, lazy_mt ? 0 : (int)nchild, 3);
+/* Pushes a new element table with `name` and metatable `mt` (a stack index, 0 for none). */
+static void new_element(lua_State *L, const name_t *e, int narr, int mt) {
+    lua_createtable(L, narr, 3);
     if (mt != 0) {
         lua_pushvalue(L, mt);
         lua_setmetatable(L, -2);
     }
     PUSH_K(L, K_NAME);
-    lua_pushlstring(L, local, nlen - (size_t)(local - name));
+    lua_pushlstring(L, e->local, e->locallen);
     lua_rawset(L, -3);
+}
+
+/* REC_OPEN: pushes the new element table and its tags table. */
+static const char *open_element(build_t *b, const char *r, int depth) {
+    lua_State *L = b->L;
+    uint32_t nchild, ntag;
+    name_t e;
+    r = get_u32(r, &nchild);
+    r = get_u32(r, &ntag);
+    r = read_name(b, r, depth, &e);
+    new_element(L, &e, (int)nchild, b->mt);
     PUSH_K(L, K_ATTR);
-    r = read_attrs(L, r, differs);
-    if (differs) {
-        PUSH_K(L, K_XMLNS);
-        lua_pushlstring(L, name, nslen);
-        lua_rawset(L, -3);
-    }
+    r = read_attrs(L, r, e.differs, e.ns, e.nslen);
     lua_rawset(L, -3);
-    lv[depth].ns = name;
-    lv[depth].nslen = nslen;
-    lv[depth].nchild = lv[depth].ntag = 0;
-    if (lazy_mt) return r;
     lua_createtable(L, (int)ntag, 0);
     PUSH_K(L, K_TAGS);
     lua_pushvalue(L, -2);
@@ -748,7 +774,7 @@ static const char *build(build_t *b, const char *r, int depth) {
         switch (*r++) {
         case REC_OPEN:
             if (depth >= b->nlv) luaL_error(L, "xmppsm.parser: corrupt tape");
-            r = open_element(b, r, depth, 0);
+            r = open_element(b, r, depth);
             depth++;
             break;
         case REC_TEXT:
@@ -773,10 +799,12 @@ static const char *build(build_t *b, const char *r, int depth) {
 }
 
 /* ---- lazy elements ------------------------------------------------------------------------- *
- * A lazy stanza is its table with name and attr, the lazy metatable, and under LAZY_KEY a
- * userdata holding a copy of the tape records of its children (through its own REC_CLOSE) and
- * its namespace. The first use other than name/attr builds the children into the same table
- * with build(), drops the key and switches the metatable to stanza_mt. */
+ * A lazy stanza is its table with name, the lazy metatable, and under LAZY_KEY a userdata
+ * holding its namespace and a copy of the tape records of its attributes and its children
+ * (through its own REC_CLOSE). Reading `attr` builds only the attr table (most consumers read
+ * name and attr of every stanza, and many nothing else); any other use builds attr if needed,
+ * then the children into the same table with build(), drops the key and switches the metatable
+ * to stanza_mt. */
 
 #define LAZY_MAGIC 0x6c617a79u
 static const char LAZY_KEY = 0; /* its address is the private key */
@@ -785,29 +813,63 @@ static lua_Integer materialized; /* debug counter, core._materialized() */
 typedef struct {
     uint32_t magic;
     uint32_t nchild, ntag;
-    uint32_t depth;  /* levels the build needs: how deep the stanza's elements nest */
-    size_t nslen;    /* the stanza's namespace, then the records */
-    size_t len;
+    uint32_t depth;   /* levels the build needs: how deep the stanza's elements nest */
+    int differs;      /* attr.xmlns is set: the namespace is not the stream's */
+    size_t nslen;     /* the stanza's namespace, then the records */
+    size_t attrs_len; /* the attribute records, then the children's */
+    size_t len;       /* all the records */
 } lazy_t;
 
 #define LAZY_UPVALUES (K_COUNT + 1) /* the feed strings, then stanza_mt or false */
 #define LAZY_TARGET lua_upvalueindex(K_COUNT + 1)
 
-/* Stores the children records [r, end) of the stanza on top of the stack. */
-static void make_lazy(lua_State *L, const level_t *top, uint32_t nchild, uint32_t ntag, uint32_t depth,
-                      const char *r, const char *end) {
+/* Stores the records [r, end) of the stanza on top of the stack: its attributes (up to `kids`),
+ * then its children. */
+static void make_lazy(lua_State *L, const name_t *e, uint32_t nchild, uint32_t ntag, uint32_t depth,
+                      const char *r, const char *kids, const char *end) {
     size_t len = (size_t)(end - r);
-    lazy_t *z = lua_newuserdatauv(L, sizeof *z + top->nslen + len, 0);
+    lazy_t *z = lua_newuserdatauv(L, sizeof *z + e->nslen + len, 0);
     char *d = (char *)(z + 1);
     z->magic = LAZY_MAGIC;
     z->nchild = nchild;
     z->ntag = ntag;
     z->depth = depth;
-    z->nslen = top->nslen;
+    z->differs = e->differs;
+    z->nslen = e->nslen;
+    z->attrs_len = (size_t)(kids - r);
     z->len = len;
-    memcpy(d, top->ns, top->nslen);
-    memcpy(d + top->nslen, r, len);
+    memcpy(d, e->ns, e->nslen);
+    memcpy(d + e->nslen, r, len);
     lua_rawsetp(L, -2, &LAZY_KEY);
+}
+
+/* Pushes the tape copy of the lazy element at `idx` and returns it, checked; or pushes nothing
+ * and returns NULL when the element holds none (it was materialized). The copy must stay on the
+ * stack while it is read: the element may drop it. */
+static lazy_t *lazy_data(lua_State *L, int idx) {
+    lazy_t *z;
+    size_t size;
+    if (lua_rawgetp(L, idx, &LAZY_KEY) != LUA_TUSERDATA) {
+        lua_pop(L, 1);
+        return NULL;
+    }
+    z = lua_touserdata(L, -1);
+    size = lua_rawlen(L, -1);
+    if (size < sizeof *z || z->magic != LAZY_MAGIC || size != sizeof *z + z->nslen + z->len ||
+        z->attrs_len >= z->len || z->depth < 1 || z->depth > MAX_DEPTH_LIMIT)
+        luaL_error(L, "xmppsm.parser: corrupt lazy element");
+    return z;
+}
+
+/* Builds the attr table of the lazy element at `idx` from its tape copy `z`, sets it, pushes it.
+ * Runs in a closure with LAZY_UPVALUES. */
+static void lazy_attr(lua_State *L, int idx, const lazy_t *z) {
+    const char *ns = (const char *)(z + 1), *r = ns + z->nslen;
+    if (read_attrs(L, r, z->differs, ns, z->nslen) != r + z->attrs_len)
+        luaL_error(L, "xmppsm.parser: corrupt lazy element");
+    PUSH_K(L, K_ATTR);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, idx);
 }
 
 /* Materializes the lazy element at `idx` (absolute); runs in a closure with LAZY_UPVALUES.
@@ -818,12 +880,9 @@ static void materialize_at(lua_State *L, int idx) {
     build_t b;
     const char *r, *end;
     int top = lua_gettop(L);
-    if (lua_rawgetp(L, idx, &LAZY_KEY) == LUA_TUSERDATA) {
-        z = lua_touserdata(L, -1);
-        if (lua_rawlen(L, -1) < sizeof *z || z->magic != LAZY_MAGIC ||
-            lua_rawlen(L, -1) != sizeof *z + z->nslen + z->len || z->len == 0 || z->depth < 1 ||
-            z->depth > MAX_DEPTH_LIMIT)
-            luaL_error(L, "xmppsm.parser: corrupt lazy element");
+    if ((z = lazy_data(L, idx)) != NULL) {
+        PUSH_K(L, K_ATTR);
+        if (lua_rawget(L, idx) == LUA_TNIL) lazy_attr(L, idx, z); /* not read yet */
         luaL_checkstack(L, 2 * (int)z->depth + 16, "xmppsm.parser: deep stanza");
         if (z->depth > sizeof small / sizeof small[0])
             lv = lua_newuserdatauv(L, sizeof *lv * z->depth, 0);
@@ -841,8 +900,8 @@ static void materialize_at(lua_State *L, int idx) {
         lv[0].ns = r;
         lv[0].nslen = z->nslen;
         lv[0].nchild = lv[0].ntag = 0;
-        r += z->nslen;
-        end = r + z->len;
+        end = r + z->nslen + z->len;
+        r += z->nslen + z->attrs_len;
         /* the key goes first: a build cut short by an error is not repeated into the same table */
         lua_pushnil(L);
         lua_rawsetp(L, idx, &LAZY_KEY);
@@ -862,12 +921,18 @@ static void materialize_at(lua_State *L, int idx) {
     lua_setmetatable(L, idx);
 }
 
-/* A method the target metatable lists in __xmppsm_lazy_methods is returned as it is: such a
- * method handles a lazy element itself (xmppsm.stanza's get_child_text reads the recorded
- * children with core.lazy_child_text), so looking it up builds nothing. */
+/* `attr` is built alone. A method the target metatable lists in __xmppsm_lazy_methods is
+ * returned as it is: such a method handles a lazy element itself (xmppsm.stanza's
+ * get_child_text reads the recorded children with core.lazy_child_text), so looking it up
+ * builds nothing. */
 static int lazy_index(lua_State *L) {
+    lazy_t *z;
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 2);
+    if (lua_rawequal(L, 2, lua_upvalueindex(K_ATTR)) && (z = lazy_data(L, 1)) != NULL) {
+        lazy_attr(L, 1, z); /* attr alone: the children stay unbuilt */
+        return 1;
+    }
     if (lua_type(L, 2) == LUA_TSTRING && lua_istable(L, LAZY_TARGET)) {
         lua_pushliteral(L, "__xmppsm_lazy_methods");
         if (lua_rawget(L, LAZY_TARGET) == LUA_TTABLE) {
@@ -891,22 +956,12 @@ static const lazy_t *lazy_records(lua_State *L, int idx, const char **r, const c
     }
     z = lua_touserdata(L, -1);
     if (lua_rawlen(L, -1) < sizeof *z || z->magic != LAZY_MAGIC ||
-        lua_rawlen(L, -1) != sizeof *z + z->nslen + z->len || z->len == 0)
+        lua_rawlen(L, -1) != sizeof *z + z->nslen + z->len || z->attrs_len >= z->len)
         luaL_error(L, "xmppsm.parser: corrupt lazy element");
     lua_pop(L, 1); /* the element keeps the userdata alive while we read it */
-    *r = (const char *)(z + 1) + z->nslen;
-    *end = *r + z->len;
+    *r = (const char *)(z + 1) + z->nslen + z->attrs_len; /* its children */
+    *end = (const char *)(z + 1) + z->nslen + z->len;
     return z;
-}
-
-/* Skips REC_OPEN's fields after its name: the attributes. */
-static const char *skip_attrs(const char *r) {
-    uint32_t nattr, i;
-    const char *s;
-    size_t n;
-    r = get_u32(r, &nattr);
-    for (i = 0; i < 2 * nattr; i++) r = get_str(r, &s, &n);
-    return r;
 }
 
 /* found, text = core.lazy_child_text(el, name, want, pns)
@@ -1102,8 +1157,10 @@ static const char *emit_stanza(out_t *o, const char *r) {
     get_u32(r + 1, &nchild);
     get_u32(r + 5, &ntag);
     if (p->lazy && nchild > 0) {
-        r = open_element(&b, r + 1, 0, LAZY_INDEX);
-        make_lazy(L, &b.lv[0], nchild, ntag, depth, r, rec_end);
+        name_t e;
+        r = read_name(&b, r + 1 + 8, 0, &e);
+        new_element(L, &e, 0, LAZY_INDEX); /* its array is sized when (if) it is materialized */
+        make_lazy(L, &e, nchild, ntag, depth, r, skip_attrs(r), rec_end);
     } else if (build(&b, r, 0) != rec_end) {
         luaL_error(L, "xmppsm.parser: corrupt tape");
     }

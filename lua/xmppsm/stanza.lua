@@ -8,8 +8,9 @@
 --
 -- Built and parsed elements have the same shape; the parser gives its elements
 -- `stanza.metatable` (its `stanza_mt` option), so every method here works on them, `:tag()` too.
--- A parsed stanza may come *lazy* (docs/core.md, "Lazy elements"): `name` and `attr` are there,
--- its children are built on first use by its metatable, which then becomes `stanza.metatable`.
+-- A parsed stanza may come *lazy* (docs/core.md, "Lazy elements"): `name` is there, `attr` is
+-- built on first read, its children on first other use by its metatable, which then becomes
+-- `stanza.metatable`.
 -- Code here that reads an element raw (`rawlen`, `rawget`) outside a method call first calls
 -- `core.materialize`.
 --

@@ -236,6 +236,35 @@ describe("xmppsm.core parser, lazy elements", function()
     assert.equal("hi", m.tags[1][1])
   end)
 
+  it("builds attr on its first read, once, and keeps it (and changes to it) when materialized", function()
+    local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
+    p:feed(HDR)
+    local src = "<message to='a@b' xml:lang='en' xmlns:p='urn:p' p:q='1'><body>hi</body></message>"
+    local before = core._materialized()
+    local m = p:feed(src)[2]
+    assert.is_nil(rawget(m, "attr"))
+    local attr = m.attr
+    assert.same({ to = "a@b", ["xml:lang"] = "en", ["urn:p\1q"] = "1" }, attr)
+    assert.equal(attr, rawget(m, "attr"))
+    assert.equal(attr, m.attr)
+    attr.to = "c@d"
+    assert.equal(before, core._materialized())
+    assert.equal("hi", m:get_child_text("body")) -- answered from the records
+    assert.equal(before, core._materialized())
+    assert.equal("hi", m:get_child("body")[1])
+    assert.equal(before + 1, core._materialized())
+    assert.equal(attr, m.attr)
+    assert.equal("c@d", m.attr.to)
+    -- materialized before attr was read: attr is built then
+    local o = p:feed("<x:iq xmlns:x='jabber:client' xmlns='urn:other' id='1'><q/></x:iq>")[2]
+    core.materialize(o)
+    assert.same({ id = "1" }, rawget(o, "attr"))
+    assert.equal("urn:other", o[1].attr.xmlns)
+    o = p:feed("<iq xmlns='urn:other' id='2'><q/></iq>")[2]
+    assert.same({ id = "2", xmlns = "urn:other" }, o.attr)
+    assert.is_nil(o[1].attr.xmlns)
+  end)
+
   it("costs no materialization when dropped unread, and keeps only its own bytes", function()
     local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
     p:feed(HDR)
