@@ -265,6 +265,39 @@ describe("xmppsm.core parser, lazy elements", function()
     assert.is_nil(o[1].attr.xmlns)
   end)
 
+  it("at every split of the input: raw is the bytes received, attr on first read equals eager", function()
+    local body = "<message to='a@b' id='m1' xml:lang='en'><body>x &amp; y</body></message>"
+      .. "<iq type='result' id='i&apos;1' xmlns:p='urn:p' p:q='v'>"
+      .. "<query xmlns='urn:q'><item jid='c'/></query></iq>"
+      .. "<presence/> <message xmlns='urn:other' id='m2'><x/>t</message>"
+    local eager = events({ lazy = false, stanza_mt = stanza.metatable }, HDR .. body)
+    local expect = {}
+    for _, e in ipairs(eager) do if e.kind == "stanza" then expect[#expect + 1] = e end end
+    assert.equal(4, #expect)
+    assert.equal("<presence/>", expect[3].b)
+    for cut = 1, #body - 1 do
+      local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
+      local got = {}
+      for _, piece in ipairs { HDR, body:sub(1, cut), body:sub(cut + 1) } do
+        local ev, n = p:feed(piece)
+        for k = 1, n do
+          if ev[3 * k - 2] == "stanza" then got[#got + 1] = { a = ev[3 * k - 1], b = ev[3 * k] } end
+        end
+      end
+      assert.equal(#expect, #got, "cut " .. cut)
+      for i, e in ipairs(expect) do
+        local l = got[i]
+        assert.equal(e.b, l.b, "cut " .. cut)
+        assert.equal(e.a.name, l.a.name)
+        if i ~= 3 then assert.is_nil(rawget(l.a, "attr"), "cut " .. cut) end
+        assert.same(rawget(e.a, "attr"), l.a.attr, "cut " .. cut)
+        core.materialize(l.a)
+        assert.is_nil(differ(e.a, l.a, ""), "cut " .. cut)
+      end
+      p:close()
+    end
+  end)
+
   it("costs no materialization when dropped unread, and keeps only its own bytes", function()
     local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
     p:feed(HDR)
