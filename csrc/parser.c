@@ -13,8 +13,9 @@
  *   long stream of ever-new names would grow without bound. After 2 * max_stanza_size bytes the
  *   next stanza end "rebases": expat is reset and the stream header replayed into it.
  * - With `lazy`, a stanza with children is handed out as its table with its name only, plus a
- *   copy of its attributes' and children's tape records; these become tables on first use, from
- *   a metamethod (outside expat, like the walk), with the same code the eager walk uses.
+ *   block: a copy of the tape records of its attributes and children, shared with the stanzas
+ *   next to it that the same feed completed. These become tables on first use, from a
+ *   metamethod (outside expat, like the walk), with the same code the eager walk uses.
  */
 #include <stdarg.h>
 #include <stdint.h>
@@ -590,6 +591,7 @@ static void install_handlers(parser_t *p) {
 #define EV_INDEX 3 /* stack slot of the events table during feed (nil until needed) */
 #define MT_INDEX 4 /* stack slot of stanza_mt (or nil) during feed */
 #define LAZY_INDEX 5 /* stack slot of the lazy metatable (or nil) during feed */
+#define BLOCK_INDEX 6 /* stack slot of the latest block of lazy stanzas (or nil) during feed */
 
 /* Strings feed uses all the time, kept as its upvalues so they are pushed, not interned. */
 enum { K_NAME = 1, K_ATTR, K_TAGS, K_XMLNS, K_XMLLANG, K_HEADER, K_STANZA, K_CLOSE, K_ERROR, K_COUNT = K_ERROR };
@@ -602,6 +604,9 @@ typedef struct {
     parser_t *p;
     lua_Integer n; /* events so far */
     int have_table;
+    const char *done_end; /* the end of the complete units being walked */
+    struct block_s *block; /* the block of the latest lazy stanza, or NULL */
+    const char *block_begin, *block_end; /* the tape records it holds a copy of */
 } out_t;
 
 /* Creates the events table, sized for what is known to come. */
@@ -799,93 +804,174 @@ static const char *build(build_t *b, const char *r, int depth) {
 }
 
 /* ---- lazy elements ------------------------------------------------------------------------- *
- * A lazy stanza is its table with name, the lazy metatable, and under LAZY_KEY a userdata
- * holding its namespace and a copy of the tape records of its attributes and its children
- * (through its own REC_CLOSE). Reading `attr` builds only the attr table (most consumers read
+ * The lazy stanzas a walk hands out share blocks: one userdata holds a copy of the records of
+ * consecutive stanzas (at most BLOCK_MAX bytes of them, or one stanza), so a stanza costs the
+ * collector no object of its own besides its table and its raw string. A lazy stanza is its
+ * table with name, the lazy metatable, under LAZY_KEY its block and under LAZY_IDX its index in
+ * the block's list of stanzas. Reading `attr` builds only the attr table (most consumers read
  * name and attr of every stanza, and many nothing else); any other use builds attr if needed,
- * then the children into the same table with build(), drops the key and switches the metatable
- * to stanza_mt. */
+ * then the children into the same table with build(), drops both keys and switches the
+ * metatable to stanza_mt. */
 
-#define LAZY_MAGIC 0x6c617a79u
+#define BLOCK_MAGIC 0x626c6b31u
+#define BLOCK_MAX 65536 /* a block keeps at most this many bytes of records, or one stanza's */
 static const char LAZY_KEY = 0; /* its address is the private key */
+static const char LAZY_IDX = 0; /* its address is the other private key */
 static lua_Integer materialized; /* debug counter, core._materialized() */
 
-typedef struct {
+/* A block: this header, `max` offsets, then `len` bytes of records. The content namespace the
+ * stanzas' namespaces are compared with is the block's user value. */
+typedef struct block_s {
     uint32_t magic;
-    uint32_t nchild, ntag;
-    uint32_t depth;   /* levels the build needs: how deep the stanza's elements nest */
-    int differs;      /* attr.xmlns is set: the namespace is not the stream's */
-    size_t nslen;     /* the stanza's namespace, then the records */
-    size_t attrs_len; /* the attribute records, then the children's */
-    size_t len;       /* all the records */
+    size_t len;
+    size_t n, max;       /* the lazy stanzas made from it so far, and room for them */
+    const char *root_ns; /* bytes of the user value */
+    size_t root_ns_len;
+} block_t;
+
+/* Each stanza's REC_BEGIN within the records: elements hold an index into this list, so a
+ * changed index can only name another stanza of the block, never a place inside one. */
+static size_t *block_offs(block_t *k) {
+    return (size_t *)(void *)(k + 1);
+}
+
+static char *block_records(block_t *k) {
+    return (char *)(block_offs(k) + k->max);
+}
+
+/* Copies the records of the stanza at `begin` and of those after it, as long as they are
+ * stanzas and fit in BLOCK_MAX, into a new block at BLOCK_INDEX. */
+static void new_block(out_t *o, const char *begin) {
+    lua_State *L = o->L;
+    const char *r = begin, *end = begin;
+    size_t n = 0, len;
+    uint64_t rel;
+    block_t *k;
+    while (r < o->done_end && *r == REC_BEGIN && (size_t)(o->done_end - r) > BEGIN_SIZE) {
+        get_u64(r + 1 + 8, &rel);
+        if (rel < BEGIN_SIZE || rel + 1 + 8 > (uint64_t)(o->done_end - r) || r[rel] != REC_END) break;
+        r += rel + 1 + 8; /* past its REC_END */
+        if (n > 0 && (size_t)(r - begin) > BLOCK_MAX) break;
+        end = r;
+        n++;
+    }
+    if (n == 0) luaL_error(L, "xmppsm.parser: corrupt tape");
+    len = (size_t)(end - begin);
+    k = lua_newuserdatauv(L, sizeof *k + n * sizeof(size_t) + len, 1);
+    k->magic = BLOCK_MAGIC;
+    k->len = len;
+    k->n = 0;
+    k->max = n;
+    memcpy(block_records(k), begin, len);
+    lua_getiuservalue(L, 1, UV_NS);
+    k->root_ns = lua_tolstring(L, -1, &k->root_ns_len);
+    lua_setiuservalue(L, -2, 1);
+    lua_replace(L, BLOCK_INDEX);
+    o->block = k;
+    o->block_begin = begin;
+    o->block_end = end;
+}
+
+/* Makes the stanza on top of the stack, whose records start at `begin` (its REC_BEGIN) on the
+ * tape, lazy. */
+static void make_lazy(out_t *o, const char *begin) {
+    lua_State *L = o->L;
+    block_t *k;
+    if (o->block == NULL || begin >= o->block_end) new_block(o, begin);
+    k = o->block;
+    if (k->n >= k->max) luaL_error(L, "xmppsm.parser: corrupt tape");
+    block_offs(k)[k->n] = (size_t)(begin - o->block_begin);
+    lua_pushvalue(L, BLOCK_INDEX);
+    lua_rawsetp(L, -2, &LAZY_KEY);
+    lua_pushinteger(L, (lua_Integer)k->n++);
+    lua_rawsetp(L, -2, &LAZY_IDX);
+}
+
+/* Where the lazy element at `idx` keeps its records, checked. */
+typedef struct {
+    const char *attrs; /* its attribute records */
+    const char *end;   /* its REC_END */
+    uint32_t depth;    /* levels the build needs: how deep the stanza's elements nest */
+    uint32_t ntag;
+    name_t e;
 } lazy_t;
 
 #define LAZY_UPVALUES (K_COUNT + 1) /* the feed strings, then stanza_mt or false */
 #define LAZY_TARGET lua_upvalueindex(K_COUNT + 1)
 
-/* Stores the records [r, end) of the stanza on top of the stack: its attributes (up to `kids`),
- * then its children. */
-static void make_lazy(lua_State *L, const name_t *e, uint32_t nchild, uint32_t ntag, uint32_t depth,
-                      const char *r, const char *kids, const char *end) {
-    size_t len = (size_t)(end - r);
-    lazy_t *z = lua_newuserdatauv(L, sizeof *z + e->nslen + len, 0);
-    char *d = (char *)(z + 1);
-    z->magic = LAZY_MAGIC;
-    z->nchild = nchild;
-    z->ntag = ntag;
-    z->depth = depth;
-    z->differs = e->differs;
-    z->nslen = e->nslen;
-    z->attrs_len = (size_t)(kids - r);
-    z->len = len;
-    memcpy(d, e->ns, e->nslen);
-    memcpy(d + e->nslen, r, len);
-    lua_rawsetp(L, -2, &LAZY_KEY);
-}
-
-/* Pushes the tape copy of the lazy element at `idx` and returns it, checked; or pushes nothing
- * and returns NULL when the element holds none (it was materialized). The copy must stay on the
- * stack while it is read: the element may drop it. */
-static lazy_t *lazy_data(lua_State *L, int idx) {
-    lazy_t *z;
-    size_t size;
+/* Pushes the block of the lazy element at `idx` and fills `z`; or pushes nothing and returns 0
+ * when the element holds none (it was materialized). The block must stay on the stack while it
+ * is read: the element may drop it. */
+static int lazy_data(lua_State *L, int idx, lazy_t *z) {
+    block_t *k;
+    const char *recs, *r;
+    uint64_t rel;
+    lua_Integer i;
+    size_t off, size;
+    uint32_t nchild;
+    build_t b;
+    level_t lv[1];
+    int ok;
     if (lua_rawgetp(L, idx, &LAZY_KEY) != LUA_TUSERDATA) {
         lua_pop(L, 1);
-        return NULL;
+        return 0;
     }
-    z = lua_touserdata(L, -1);
+    k = lua_touserdata(L, -1);
     size = lua_rawlen(L, -1);
-    if (size < sizeof *z || z->magic != LAZY_MAGIC || size != sizeof *z + z->nslen + z->len ||
-        z->attrs_len >= z->len || z->depth < 1 || z->depth > MAX_DEPTH_LIMIT)
+    lua_rawgetp(L, idx, &LAZY_IDX);
+    i = lua_tointegerx(L, -1, &ok);
+    lua_pop(L, 1);
+    if (size < sizeof *k || k->magic != BLOCK_MAGIC || k->max > (size - sizeof *k) / sizeof(size_t) ||
+        size != sizeof *k + k->max * sizeof(size_t) + k->len || k->n > k->max || !ok || i < 0 ||
+        (size_t)i >= k->n)
         luaL_error(L, "xmppsm.parser: corrupt lazy element");
-    return z;
+    recs = block_records(k);
+    off = block_offs(k)[i];
+    if (off >= k->len || k->len - off <= BEGIN_SIZE + 1 + 8 || recs[off] != REC_BEGIN)
+        luaL_error(L, "xmppsm.parser: corrupt lazy element");
+    r = get_u64(recs + off + 1 + 8, &rel);
+    r = get_u32(r, &z->depth);
+    if (rel >= k->len - off || recs[off + rel] != REC_END || *r != REC_OPEN || z->depth < 1 ||
+        z->depth > MAX_DEPTH_LIMIT)
+        luaL_error(L, "xmppsm.parser: corrupt lazy element");
+    z->end = recs + off + rel;
+    r = get_u32(r + 1, &nchild);
+    r = get_u32(r, &z->ntag);
+    b.lv = lv;
+    b.root_ns = k->root_ns;
+    b.root_ns_len = k->root_ns_len;
+    z->attrs = read_name(&b, r, 0, &z->e);
+    return 1;
 }
 
-/* Builds the attr table of the lazy element at `idx` from its tape copy `z`, sets it, pushes it.
- * Runs in a closure with LAZY_UPVALUES. */
-static void lazy_attr(lua_State *L, int idx, const lazy_t *z) {
-    const char *ns = (const char *)(z + 1), *r = ns + z->nslen;
-    if (read_attrs(L, r, z->differs, ns, z->nslen) != r + z->attrs_len)
-        luaL_error(L, "xmppsm.parser: corrupt lazy element");
+/* Builds the attr table of the lazy element at `idx` from `z`, sets it, pushes it. Runs in a
+ * closure with LAZY_UPVALUES. Returns the records after the attributes. */
+static const char *lazy_attr(lua_State *L, int idx, const lazy_t *z) {
+    const char *r = read_attrs(L, z->attrs, z->e.differs, z->e.ns, z->e.nslen);
+    if (r >= z->end) luaL_error(L, "xmppsm.parser: corrupt lazy element");
     PUSH_K(L, K_ATTR);
     lua_pushvalue(L, -2);
     lua_rawset(L, idx);
+    return r;
 }
 
 /* Materializes the lazy element at `idx` (absolute); runs in a closure with LAZY_UPVALUES.
- * Idempotent: without its tape copy it only switches the metatable. */
+ * Idempotent: without its records it only switches the metatable. */
 static void materialize_at(lua_State *L, int idx) {
     level_t small[16], *lv = small;
-    lazy_t *z;
+    lazy_t z;
     build_t b;
-    const char *r, *end;
+    const char *r;
     int top = lua_gettop(L);
-    if ((z = lazy_data(L, idx)) != NULL) {
+    if (lazy_data(L, idx, &z)) {
         PUSH_K(L, K_ATTR);
-        if (lua_rawget(L, idx) == LUA_TNIL) lazy_attr(L, idx, z); /* not read yet */
-        luaL_checkstack(L, 2 * (int)z->depth + 16, "xmppsm.parser: deep stanza");
-        if (z->depth > sizeof small / sizeof small[0])
-            lv = lua_newuserdatauv(L, sizeof *lv * z->depth, 0);
+        if (lua_rawget(L, idx) == LUA_TNIL) /* not read yet */
+            r = lazy_attr(L, idx, &z);
+        else
+            r = skip_attrs(z.attrs);
+        luaL_checkstack(L, 2 * (int)z.depth + 16, "xmppsm.parser: deep stanza");
+        if (z.depth > sizeof small / sizeof small[0])
+            lv = lua_newuserdatauv(L, sizeof *lv * z.depth, 0);
         b.L = L;
         b.mt = 0;
         if (lua_istable(L, LAZY_TARGET)) {
@@ -893,24 +979,23 @@ static void materialize_at(lua_State *L, int idx) {
             b.mt = lua_gettop(L);
         }
         b.lv = lv;
-        b.nlv = (int)z->depth;
+        b.nlv = (int)z.depth;
         b.root_ns = NULL;
         b.root_ns_len = 0;
-        r = (const char *)(z + 1);
-        lv[0].ns = r;
-        lv[0].nslen = z->nslen;
+        lv[0].ns = z.e.ns;
+        lv[0].nslen = z.e.nslen;
         lv[0].nchild = lv[0].ntag = 0;
-        end = r + z->nslen + z->len;
-        r += z->nslen + z->attrs_len;
-        /* the key goes first: a build cut short by an error is not repeated into the same table */
+        /* the keys go first: a build cut short by an error is not repeated into the same table */
         lua_pushnil(L);
         lua_rawsetp(L, idx, &LAZY_KEY);
+        lua_pushnil(L);
+        lua_rawsetp(L, idx, &LAZY_IDX);
         lua_pushvalue(L, idx);
-        lua_createtable(L, (int)z->ntag, 0);
+        lua_createtable(L, (int)z.ntag, 0);
         PUSH_K(L, K_TAGS);
         lua_pushvalue(L, -2);
         lua_rawset(L, -4);
-        if (build(&b, r, 1) != end) luaL_error(L, "xmppsm.parser: corrupt lazy element");
+        if (build(&b, r, 1) != z.end) luaL_error(L, "xmppsm.parser: corrupt lazy element");
         materialized++;
     }
     lua_settop(L, top);
@@ -926,11 +1011,11 @@ static void materialize_at(lua_State *L, int idx) {
  * get_child_text reads the recorded children with core.lazy_child_text), so looking it up
  * builds nothing. */
 static int lazy_index(lua_State *L) {
-    lazy_t *z;
+    lazy_t z;
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 2);
-    if (lua_rawequal(L, 2, lua_upvalueindex(K_ATTR)) && (z = lazy_data(L, 1)) != NULL) {
-        lazy_attr(L, 1, z); /* attr alone: the children stay unbuilt */
+    if (lua_rawequal(L, 2, lua_upvalueindex(K_ATTR)) && lazy_data(L, 1, &z)) {
+        lazy_attr(L, 1, &z); /* attr alone: the children stay unbuilt */
         return 1;
     }
     if (lua_type(L, 2) == LUA_TSTRING && lua_istable(L, LAZY_TARGET)) {
@@ -946,24 +1031,6 @@ static int lazy_index(lua_State *L) {
     return 1;
 }
 
-/* The lazy_t of the lazy element at `idx`, its records in [*r, *end), or NULL when `idx` is
- * not a lazy element (built, or materialized already). Pops what it pushed. */
-static const lazy_t *lazy_records(lua_State *L, int idx, const char **r, const char **end) {
-    const lazy_t *z;
-    if (lua_rawgetp(L, idx, &LAZY_KEY) != LUA_TUSERDATA) {
-        lua_pop(L, 1);
-        return NULL;
-    }
-    z = lua_touserdata(L, -1);
-    if (lua_rawlen(L, -1) < sizeof *z || z->magic != LAZY_MAGIC ||
-        lua_rawlen(L, -1) != sizeof *z + z->nslen + z->len || z->attrs_len >= z->len)
-        luaL_error(L, "xmppsm.parser: corrupt lazy element");
-    lua_pop(L, 1); /* the element keeps the userdata alive while we read it */
-    *r = (const char *)(z + 1) + z->nslen + z->attrs_len; /* its children */
-    *end = (const char *)(z + 1) + z->nslen + z->len;
-    return z;
-}
-
 /* found, text = core.lazy_child_text(el, name, want, pns)
  * For a lazy element, without building anything: the first child element named `name` (any
  * name when nil) whose `attr.xmlns or pns` equals `want` (both may be nil), as get_child
@@ -972,16 +1039,18 @@ static const lazy_t *lazy_records(lua_State *L, int idx, const char **r, const c
  * not a lazy element, so the caller takes the general path. */
 static int l_lazy_child_text(lua_State *L) {
     const char *r, *end, *want_name, *want, *pns, *sns;
-    size_t want_name_len = 0, want_len = 0, pns_len = 0;
-    const lazy_t *z;
+    size_t want_name_len = 0, want_len = 0, pns_len = 0, snslen;
+    lazy_t z;
     int depth = 0;
     luaL_checktype(L, 1, LUA_TTABLE);
     want_name = luaL_optlstring(L, 2, NULL, &want_name_len);
     want = luaL_optlstring(L, 3, NULL, &want_len);
     pns = luaL_optlstring(L, 4, NULL, &pns_len);
-    z = lazy_records(L, 1, &r, &end);
-    if (z == NULL) return 0;
-    sns = (const char *)(z + 1);
+    if (!lazy_data(L, 1, &z)) return 0; /* its block stays on the stack while it is read */
+    r = skip_attrs(z.attrs);             /* its children, through its own REC_CLOSE */
+    end = z.end;
+    sns = z.e.ns;
+    snslen = z.e.nslen;
     while (r < end) {
         uint32_t nchild, ntag;
         const char *name, *sep, *local, *eff;
@@ -1006,7 +1075,7 @@ static int l_lazy_child_text(lua_State *L) {
                                       memcmp(local, want_name, want_name_len) != 0))
                 break;
             /* attr.xmlns is set when the child's namespace differs from the stanza's */
-            if (nslen != z->nslen || memcmp(name, sns, nslen) != 0) {
+            if (nslen != snslen || memcmp(name, sns, nslen) != 0) {
                 eff = name;
                 eff_len = nslen;
             } else {
@@ -1146,7 +1215,7 @@ static const char *emit_stanza(out_t *o, const char *r) {
     r = get_u64(r, &rel);
     r = get_u32(r, &depth);
     rec_end = begin + rel;
-    if (rel < BEGIN_SIZE || rec_end >= p->tape.p + p->tape_done || *rec_end != REC_END || *r != REC_OPEN)
+    if (rel < BEGIN_SIZE || rec_end >= o->done_end || *rec_end != REC_END || *r != REC_OPEN)
         luaL_error(L, "xmppsm.parser: corrupt tape");
     b.L = L;
     b.mt = p->has_mt ? MT_INDEX : 0;
@@ -1158,9 +1227,9 @@ static const char *emit_stanza(out_t *o, const char *r) {
     get_u32(r + 5, &ntag);
     if (p->lazy && nchild > 0) {
         name_t e;
-        r = read_name(&b, r + 1 + 8, 0, &e);
+        read_name(&b, r + 1 + 8, 0, &e);
         new_element(L, &e, 0, LAZY_INDEX); /* its array is sized when (if) it is materialized */
-        make_lazy(L, &e, nchild, ntag, depth, r, skip_attrs(r), rec_end);
+        make_lazy(o, begin);
     } else if (build(&b, r, 0) != rec_end) {
         luaL_error(L, "xmppsm.parser: corrupt tape");
     }
@@ -1187,6 +1256,8 @@ static void walk(out_t *o) {
     int d;
     if (p->units == 0) return;
     events_table(o, p->units + 1);
+    o->done_end = end;
+    o->block = NULL;
     while (r < end) {
         switch (*r++) {
         case REC_HEADER:
@@ -1509,6 +1580,7 @@ static int l_feed(lua_State *L) {
     lua_pushnil(L);                 /* EV_INDEX: created when the first event comes */
     lua_getiuservalue(L, 1, UV_MT); /* MT_INDEX */
     lua_getiuservalue(L, 1, UV_LAZY); /* LAZY_INDEX */
+    lua_pushnil(L);                   /* BLOCK_INDEX */
     luaL_checkstack(L, 2 * p->max_depth + 16, "xmppsm.parser: deep stanza");
     o.L = L;
     o.p = p;

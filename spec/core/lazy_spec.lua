@@ -1,5 +1,5 @@
 -- Specs for the parser's lazy elements (csrc/parser.c; docs/core.md, "Lazy elements"): a stanza
--- parsed with `lazy = true` holds name and attr, and builds its children on first use.
+-- parsed with `lazy = true` holds its name, and builds attr and its children on first use.
 local core = require "xmppsm.core"
 local stanza = require "xmppsm.stanza"
 
@@ -313,12 +313,42 @@ describe("xmppsm.core parser, lazy elements", function()
     local keep = {}
     for i = 1, 200 do keep[i] = p:feed("<message to='a'>" .. body .. "</message>")[2] end
     collectgarbage()
-    -- each holds its table, attr and a copy of its children's records: ~1.2 KiB, not the stream
+    -- one stanza per feed: each holds its table, attr and a block with a copy of its own
+    -- records only: ~1.2 KiB, not the stream
     local per = (collectgarbage("count") - kb) * 1024 / 200
     assert.is_true(per < 4096, ("%.0f bytes per lazy stanza"):format(per))
     assert.equal(before, core._materialized())
     assert.equal(10, #keep[200])
     assert.equal(before + 1, core._materialized())
+  end)
+
+  it("shares blocks of at most 64 KiB of records among one feed's stanzas; materializing lets go", function()
+    local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
+    p:feed(HDR)
+    local body = ("<body>" .. ("x"):rep(100) .. "</body>"):rep(10)
+    local parts = {}
+    for i = 1, 1000 do parts[i] = ("<message id='%d'>"):format(i) .. body .. "</message>" end
+    collectgarbage()
+    collectgarbage()
+    local kb = collectgarbage("count")
+    local ev, n = p:feed(table.concat(parts)) -- about 1.3 MB of records
+    assert.equal(1000, n)
+    local kept = { ev[2], ev[3 * 500 - 1], ev[3 * 1000 - 1] }
+    ev = nil -- luacheck: ignore 311
+    collectgarbage()
+    collectgarbage()
+    -- three stanzas keep at most three blocks (64 KiB of records each), not the feed's records
+    local held = (collectgarbage("count") - kb) * 1024
+    assert.is_true(held > 3 * 1000 and held < 3 * 80 * 1024, ("%.0f bytes held"):format(held))
+    for i, el in ipairs(kept) do
+      assert.equal(tostring(({ 1, 500, 1000 })[i]), el.attr.id)
+      assert.equal(10, #el) -- materializes
+      assert.equal(("x"):rep(100), el.tags[10][1])
+    end
+    collectgarbage()
+    collectgarbage()
+    local after = (collectgarbage("count") - kb) * 1024
+    assert.is_true(after < held / 4, ("%.0f bytes held, then %.0f"):format(held, after))
   end)
 
   it("materializes on every stanza method and metamethod but get_child_text", function()
