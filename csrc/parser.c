@@ -807,19 +807,19 @@ static const char *build(build_t *b, const char *r, int depth) {
  * The lazy stanzas a walk hands out share blocks: one userdata holds a copy of the records of
  * consecutive stanzas (at most BLOCK_MAX bytes of them, or one stanza), so a stanza costs the
  * collector no object of its own besides its table and its raw string. A lazy stanza is its
- * table with name, the lazy metatable, under LAZY_KEY its block and under LAZY_IDX its index in
- * the block's list of stanzas. Reading `attr` builds only the attr table (most consumers read
- * name and attr of every stanza, and many nothing else); any other use builds attr if needed,
- * then the children into the same table with build(), drops both keys and switches the
- * metatable to stanza_mt. */
+ * table with name, the lazy metatable and under LAZY_KEY its block, whose list of stanzas finds
+ * its records by the table's address (a second key would make the table's hash part grow when
+ * it is materialized). Reading `attr` builds only the attr table (most consumers read name and
+ * attr of every stanza, and many nothing else); any other use builds attr if needed, then the
+ * children into the same table with build(), drops the key and switches the metatable to
+ * stanza_mt. */
 
 #define BLOCK_MAGIC 0x626c6b31u
 #define BLOCK_MAX 65536 /* a block keeps at most this many bytes of records, or one stanza's */
 static const char LAZY_KEY = 0; /* its address is the private key */
-static const char LAZY_IDX = 0; /* its address is the other private key */
 static lua_Integer materialized; /* debug counter, core._materialized() */
 
-/* A block: this header, `max` offsets, then `len` bytes of records. The content namespace the
+/* A block: this header, `max` slots, then `len` bytes of records. The content namespace the
  * stanzas' namespaces are compared with is the block's user value. */
 typedef struct block_s {
     uint32_t magic;
@@ -829,14 +829,20 @@ typedef struct block_s {
     size_t root_ns_len;
 } block_t;
 
-/* Each stanza's REC_BEGIN within the records: elements hold an index into this list, so a
- * changed index can only name another stanza of the block, never a place inside one. */
-static size_t *block_offs(block_t *k) {
-    return (size_t *)(void *)(k + 1);
+/* A lazy stanza of the block: its table's address and where its REC_BEGIN is in the records.
+ * An element finds its slot by its own address, so no value an element holds can point inside
+ * the records. */
+typedef struct {
+    const void *el;
+    size_t off;
+} slot_t;
+
+static slot_t *block_slots(block_t *k) {
+    return (slot_t *)(void *)(k + 1);
 }
 
 static char *block_records(block_t *k) {
-    return (char *)(block_offs(k) + k->max);
+    return (char *)(block_slots(k) + k->max);
 }
 
 /* Copies the records of the stanza at `begin` and of those after it, as long as they are
@@ -857,7 +863,7 @@ static void new_block(out_t *o, const char *begin) {
     }
     if (n == 0) luaL_error(L, "xmppsm.parser: corrupt tape");
     len = (size_t)(end - begin);
-    k = lua_newuserdatauv(L, sizeof *k + n * sizeof(size_t) + len, 1);
+    k = lua_newuserdatauv(L, sizeof *k + n * sizeof(slot_t) + len, 1);
     k->magic = BLOCK_MAGIC;
     k->len = len;
     k->n = 0;
@@ -880,11 +886,10 @@ static void make_lazy(out_t *o, const char *begin) {
     if (o->block == NULL || begin >= o->block_end) new_block(o, begin);
     k = o->block;
     if (k->n >= k->max) luaL_error(L, "xmppsm.parser: corrupt tape");
-    block_offs(k)[k->n] = (size_t)(begin - o->block_begin);
+    block_slots(k)[k->n].el = lua_topointer(L, -1);
+    block_slots(k)[k->n++].off = (size_t)(begin - o->block_begin);
     lua_pushvalue(L, BLOCK_INDEX);
     lua_rawsetp(L, -2, &LAZY_KEY);
-    lua_pushinteger(L, (lua_Integer)k->n++);
-    lua_rawsetp(L, -2, &LAZY_IDX);
 }
 
 /* Where the lazy element at `idx` keeps its records, checked. */
@@ -905,28 +910,25 @@ typedef struct {
 static int lazy_data(lua_State *L, int idx, lazy_t *z) {
     block_t *k;
     const char *recs, *r;
+    const void *el = lua_topointer(L, idx);
     uint64_t rel;
-    lua_Integer i;
-    size_t off, size;
+    size_t i, off, size;
     uint32_t nchild;
     build_t b;
     level_t lv[1];
-    int ok;
     if (lua_rawgetp(L, idx, &LAZY_KEY) != LUA_TUSERDATA) {
         lua_pop(L, 1);
         return 0;
     }
     k = lua_touserdata(L, -1);
     size = lua_rawlen(L, -1);
-    lua_rawgetp(L, idx, &LAZY_IDX);
-    i = lua_tointegerx(L, -1, &ok);
-    lua_pop(L, 1);
-    if (size < sizeof *k || k->magic != BLOCK_MAGIC || k->max > (size - sizeof *k) / sizeof(size_t) ||
-        size != sizeof *k + k->max * sizeof(size_t) + k->len || k->n > k->max || !ok || i < 0 ||
-        (size_t)i >= k->n)
+    if (size < sizeof *k || k->magic != BLOCK_MAGIC || k->max > (size - sizeof *k) / sizeof(slot_t) ||
+        size != sizeof *k + k->max * sizeof(slot_t) + k->len || k->n > k->max)
         luaL_error(L, "xmppsm.parser: corrupt lazy element");
+    for (i = 0; i < k->n && block_slots(k)[i].el != el; i++) {}
+    if (i == k->n) luaL_error(L, "xmppsm.parser: corrupt lazy element"); /* not one of its stanzas */
     recs = block_records(k);
-    off = block_offs(k)[i];
+    off = block_slots(k)[i].off;
     if (off >= k->len || k->len - off <= BEGIN_SIZE + 1 + 8 || recs[off] != REC_BEGIN)
         luaL_error(L, "xmppsm.parser: corrupt lazy element");
     r = get_u64(recs + off + 1 + 8, &rel);
@@ -985,11 +987,9 @@ static void materialize_at(lua_State *L, int idx) {
         lv[0].ns = z.e.ns;
         lv[0].nslen = z.e.nslen;
         lv[0].nchild = lv[0].ntag = 0;
-        /* the keys go first: a build cut short by an error is not repeated into the same table */
+        /* the key goes first: a build cut short by an error is not repeated into the same table */
         lua_pushnil(L);
         lua_rawsetp(L, idx, &LAZY_KEY);
-        lua_pushnil(L);
-        lua_rawsetp(L, idx, &LAZY_IDX);
         lua_pushvalue(L, idx);
         lua_createtable(L, (int)z.ntag, 0);
         PUSH_K(L, K_TAGS);
