@@ -815,7 +815,10 @@ static const char *build(build_t *b, const char *r, int depth) {
  * stanza_mt. */
 
 #define BLOCK_MAGIC 0x626c6b31u
-#define BLOCK_MAX 65536 /* a block keeps at most this many bytes of records, or one stanza's */
+/* A block keeps at most this many bytes of records, or one stanza's. It bounds what one kept lazy
+ * stanza holds of other stanzas' records; 16 KiB still puts the stanzas of a typical read (a few
+ * KiB) in one block. */
+#define BLOCK_MAX 16384
 static const char LAZY_KEY = 0; /* its address is the private key */
 static lua_Integer materialized; /* debug counter, core._materialized() */
 
