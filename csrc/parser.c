@@ -828,6 +828,7 @@ typedef struct block_s {
     uint32_t magic;
     size_t len;
     size_t n, max;       /* the lazy stanzas made from it so far, and room for them */
+    size_t last;         /* the slot found last: consumers mostly read stanzas in order */
     const char *root_ns; /* bytes of the user value */
     size_t root_ns_len;
 } block_t;
@@ -870,6 +871,7 @@ static void new_block(out_t *o, const char *begin) {
     k->magic = BLOCK_MAGIC;
     k->len = len;
     k->n = 0;
+    k->last = 0;
     k->max = n;
     memcpy(block_records(k), begin, len);
     lua_getiuservalue(L, 1, UV_NS);
@@ -907,6 +909,17 @@ typedef struct {
 #define LAZY_UPVALUES (K_COUNT + 1) /* the feed strings, then stanza_mt or false */
 #define LAZY_TARGET lua_upvalueindex(K_COUNT + 1)
 
+/* The slot of element `el` in block `k` (k->n when none). The search starts at the slot found
+ * last and its successor, so reading a feed's stanzas in order costs one or two looks each. */
+static size_t find_slot(block_t *k, const void *el) {
+    size_t i, start = k->last < k->n ? k->last : 0;
+    for (i = start; i < k->n; i++)
+        if (block_slots(k)[i].el == el) return k->last = i;
+    for (i = 0; i < start; i++)
+        if (block_slots(k)[i].el == el) return k->last = i;
+    return k->n;
+}
+
 /* Pushes the block of the lazy element at `idx` and fills `z`; or pushes nothing and returns 0
  * when the element holds none (it was materialized). The block must stay on the stack while it
  * is read: the element may drop it. */
@@ -928,7 +941,7 @@ static int lazy_data(lua_State *L, int idx, lazy_t *z) {
     if (size < sizeof *k || k->magic != BLOCK_MAGIC || k->max > (size - sizeof *k) / sizeof(slot_t) ||
         size != sizeof *k + k->max * sizeof(slot_t) + k->len || k->n > k->max)
         luaL_error(L, "xmppsm.parser: corrupt lazy element");
-    for (i = 0; i < k->n && block_slots(k)[i].el != el; i++) {}
+    i = find_slot(k, el);
     if (i == k->n) luaL_error(L, "xmppsm.parser: corrupt lazy element"); /* not one of its stanzas */
     recs = block_records(k);
     off = block_slots(k)[i].off;

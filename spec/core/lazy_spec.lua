@@ -352,6 +352,27 @@ describe("xmppsm.core parser, lazy elements", function()
     assert.is_true(after < held / 2, ("%.0f bytes held, then %.0f"):format(held, after))
   end)
 
+  it("finds each stanza's records in its block whatever the order its stanzas are read in", function()
+    local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
+    p:feed(HDR)
+    local parts = {}
+    for i = 1, 60 do parts[i] = ("<message id='%d'><body>b%d</body></message>"):format(i, i) end
+    local ev, n = p:feed(table.concat(parts)) -- one feed, one block
+    assert.equal(60, n)
+    local function el(i) return ev[3 * i - 1] end
+    local order = {}
+    for i = 60, 1, -2 do order[#order + 1] = i end -- backwards, skipping
+    for i = 1, 59, 2 do order[#order + 1] = i end -- then forwards, the others
+    for _, i in ipairs(order) do
+      assert.equal(tostring(i), el(i).attr.id)
+      assert.equal("b" .. i, el(i):get_child_text("body"))
+    end
+    for _, i in ipairs { 7, 7, 60, 1, 33 } do -- again, and the same one twice
+      assert.equal("b" .. i, el(i):get_child_text("body"))
+      assert.equal("b" .. i, el(i).tags[1][1]) -- materializes
+    end
+  end)
+
   it("materializes on every stanza method and metamethod but get_child_text", function()
     local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
     p:feed(HDR)
