@@ -1047,6 +1047,27 @@ static int lazy_index(lua_State *L) {
     return 1;
 }
 
+/* xmlns = core.element_ns(el)
+ * What el.attr.xmlns is (the element's namespace when it differs from its parent's, else nil),
+ * without building the attr table of a lazy element that has none yet: code that routes stanzas
+ * by namespace then costs no attribute strings. */
+static int l_element_ns(lua_State *L) {
+    lazy_t z;
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    lua_pushliteral(L, "attr");
+    if (lua_rawget(L, 1) == LUA_TTABLE) { /* built, or already read: it may have been changed */
+        lua_getfield(L, 2, "xmlns");
+        return 1;
+    }
+    if (!lazy_data(L, 1, &z)) return 0; /* no attr at all: nothing to say */
+    if (z.e.differs)
+        lua_pushlstring(L, z.e.ns, z.e.nslen);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
 /* found, text = core.lazy_child_text(el, name, want, pns)
  * For a lazy element, without building anything: the first child element named `name` (any
  * name when nil) whose `attr.xmlns or pns` equals `want` (both may be nil), as get_child
@@ -1776,4 +1797,6 @@ void xmppsm_open_parser(lua_State *L) {
     lua_setfield(L, -2, "_materialized");
     lua_pushcfunction(L, l_lazy_child_text);
     lua_setfield(L, -2, "lazy_child_text");
+    lua_pushcfunction(L, l_element_ns);
+    lua_setfield(L, -2, "element_ns");
 }

@@ -18,6 +18,7 @@
 -- @module xmppsm.client
 local connection = require "xmppsm.connection"
 local core = require "xmppsm.core"
+local element_ns = core.element_ns
 local events = require "xmppsm.events"
 local iq = require "xmppsm.iq"
 local jid = require "xmppsm.jid"
@@ -341,8 +342,9 @@ end
 function Client:_incoming(el)
   if self.sm and self.sm:incoming(el) then return end
   local name = el.name
-  if el.attr.xmlns ~= nil or (name ~= "message" and name ~= "presence" and name ~= "iq") then
-    self:_log("debug", "ignored top-level <" .. name .. "/> in " .. tostring(el.attr.xmlns))
+  local xmlns = element_ns(el) -- el.attr.xmlns, without building a lazy stanza's attr
+  if xmlns ~= nil or (name ~= "message" and name ~= "presence" and name ~= "iq") then
+    self:_log("debug", "ignored top-level <" .. name .. "/> in " .. tostring(xmlns))
     return
   end
   self:_dispatch(el, name)

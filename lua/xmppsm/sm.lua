@@ -8,6 +8,7 @@
 -- Both are mirrored in the store, so a restarted process resumes the session and re-sends.
 -- @module xmppsm.sm
 local core = require "xmppsm.core"
+local element_ns = core.element_ns -- el.attr.xmlns, without building a lazy stanza's attr
 local loop = require "xmppsm.loop"
 local ns = require "xmppsm.ns"
 local stanza = require "xmppsm.stanza"
@@ -264,7 +265,7 @@ end
 
 --- Handles SM elements on an established stream. Returns true when `el` was one.
 function SM:incoming(el)
-  if el.attr.xmlns ~= ns.sm then return false end
+  if element_ns(el) ~= ns.sm then return false end
   local name = el.name
   if name == "r" then
     self:persist_inbound()

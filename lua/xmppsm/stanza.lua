@@ -37,6 +37,7 @@ local type, error, setmetatable, getmetatable, tostring, pairs, ipairs =
 local rawget, rawlen = rawget, rawlen
 local concat = table.concat
 local serialize, materialize, lazy_child_text = core.serialize, core.materialize, core.lazy_child_text
+local element_ns = core.element_ns
 
 local xmlns_stanzas = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
@@ -268,7 +269,7 @@ function methods:get_child_text(name, xmlns)
   if rawget(self, "tags") == nil then
     -- A lazy stanza from the parser: read its recorded children, build none (a handler
     -- reading a message's body is the common case). Anything else takes the general path.
-    local pns = self.attr.xmlns
+    local pns = element_ns(self) -- self.attr.xmlns, without building attr
     local found, text = lazy_child_text(self, name, xmlns or pns, pns)
     if found ~= nil then return text end
   end

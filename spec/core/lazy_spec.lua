@@ -373,6 +373,35 @@ describe("xmppsm.core parser, lazy elements", function()
     end
   end)
 
+  it("element_ns tells attr.xmlns without building a lazy element's attr", function()
+    local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
+    p:feed(HDR)
+    local ev = p:feed("<message to='a'><body>x</body></message>" ..
+      "<a xmlns='urn:xmpp:sm:3' h='1'><x/></a><enabled xmlns='urn:xmpp:sm:3'/>")
+    local msg, a, enabled = ev[2], ev[5], ev[8]
+    local before = core._materialized()
+    assert.is_nil(core.element_ns(msg)) -- in the stream's content namespace
+    assert.equal("urn:xmpp:sm:3", core.element_ns(a))
+    assert.is_nil(rawget(msg, "attr"))
+    assert.is_nil(rawget(a, "attr"))
+    assert.equal("urn:xmpp:sm:3", core.element_ns(enabled)) -- no children: built eagerly
+    assert.is_table(rawget(enabled, "attr"))
+    assert.equal(before, core._materialized())
+    -- once attr exists, it is what counts, changes included
+    assert.equal("a", msg.attr.to)
+    msg.attr.xmlns = "urn:example"
+    assert.equal("urn:example", core.element_ns(msg))
+    -- materialized and built elements: attr.xmlns
+    core.materialize(a)
+    assert.equal("urn:xmpp:sm:3", core.element_ns(a))
+    local iq = stanza.iq({ type = "get" }):tag("query", { xmlns = "jabber:iq:roster" }):up()
+    assert.is_nil(core.element_ns(iq))
+    assert.equal("jabber:iq:roster", core.element_ns(iq.tags[1]))
+    assert.is_nil(core.element_ns(stanza.message()))
+    assert.is_nil(core.element_ns({ name = "x" }))
+    assert.has_error(function() core.element_ns("x") end)
+  end)
+
   it("materializes on every stanza method and metamethod but get_child_text", function()
     local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
     p:feed(HDR)
