@@ -195,8 +195,9 @@ function Client:_attempt()
   conn = connection.new(self.opts, {
     on_element = function(el, raw) self:_on_element(conn, el, raw) end,
     on_end = function(err) self:_on_end(conn, err) end,
-    raw_in = function(bytes) self:_raw("rawIn", bytes) end,
-    raw_out = function(bytes) self:_raw("rawOut", bytes) end,
+    -- Checked here, once per write and per element, so traffic nobody logs costs no call.
+    raw_in = function(bytes) if self.events.handlers.rawIn then self:_raw("rawIn", bytes) end end,
+    raw_out = function(bytes) if self.events.handlers.rawOut then self:_raw("rawOut", bytes) end end,
   })
   local neg = session.new(self, conn)
   self.conn, self.neg = conn, neg
@@ -225,7 +226,7 @@ end
 
 function Client:_on_element(conn, el, raw)
   if conn ~= self.conn then return end
-  self:_raw("rawIn", raw)
+  if self.events.handlers.rawIn then self:_raw("rawIn", raw) end
   if self.neg then return self.neg:deliver(el) end
   self:_incoming(el)
 end
@@ -353,11 +354,12 @@ function Client:_incoming(el)
 end
 
 function Client:_dispatch(el, name)
-  if self.events:fire("stanza", el) ~= nil then return end
+  local ev = self.events
+  if ev.handlers.stanza and ev:fire("stanza", el) ~= nil then return end
   if name == "message" then
-    self.events:fire("message", el)
+    ev:fire("message", el)
   elseif name == "presence" then
-    self.events:fire("presence", el)
+    ev:fire("presence", el)
   else
     if self.iq:incoming(el) then return end
     if self.events:fire("iq", el) ~= nil then return end

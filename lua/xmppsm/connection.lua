@@ -156,7 +156,10 @@ end
 --- Sends bytes as they are (already serialized).
 function Connection:send_raw(raw)
   if self.ended then return nil, "not connected" end
-  return self:_write(raw)
+  -- Connection:_write inlined: this runs once per stanza sent.
+  local raw_out = self.hooks.raw_out
+  if raw_out then raw_out(raw) end
+  return self.transport:send(raw)
 end
 
 --- tls-exporter channel binding data when available.

@@ -15,6 +15,8 @@ local stanza = require "xmppsm.stanza"
 local socket = require "socket"
 local xmperror = require "xmppsm.error"
 
+local serialize, gettime = core.serialize, socket.gettime
+
 local sm = {}
 
 local SM = {}
@@ -190,24 +192,25 @@ end
 -- Returns true, or `nil, err` when it was refused (invalid XML, queue full): then no outcome
 -- follows, because nothing was accepted.
 function SM:send(st, cb)
-  local raw, err = core.serialize(st)
+  local raw, err = serialize(st)
   if not raw then return nil, xmperror.new("send", "invalid-xml", err) end
-  local waiting = self.queue:count() + #self.unsent
-  if waiting >= self.opts.max_queue then
+  local unsent = self.unsent
+  if self.queue:count() + #unsent >= self.opts.max_queue then
     return nil, xmperror.new("send", "queue-full",
                              "too many unacknowledged stanzas (" .. self.opts.max_queue .. ")")
   end
-  local stamp = socket.gettime()
+  local stamp = gettime()
   -- Durable before the bytes can reach the socket: a crash after this line loses nothing.
-  if self.store then
-    local ok, serr = self.store:queued(raw, stamp)
+  local store = self.store
+  if store then
+    local ok, serr = store:queued(raw, stamp)
     if not ok then
       return nil, xmperror.new("send", "store-failed", "not stored, not sent: " .. tostring(serr))
     end
   end
   if cb then self.callbacks[st] = cb end
   if self.client.state ~= "online" then
-    self.unsent[#self.unsent + 1] = { raw = raw, st = st, stamp = stamp }
+    unsent[#unsent + 1] = { raw = raw, st = st, stamp = stamp }
   elseif self.enabled then
     self:_write(raw, st, stamp)
   else
@@ -231,7 +234,8 @@ function SM:_write(raw, st, stamp)
     return self:_failed(raw, st, xmperror.new("send", "queue-full", tostring(err)))
   end
   self.client.conn:send_raw(raw)
-  self:_ack_policy()
+  -- _ack_policy's own first test, here: while an <r/> is out (most sends) it has nothing to do.
+  if not self.r_outstanding then self:_ack_policy() end
 end
 
 -- Ack requests: at most one outstanding; one after a burst of sends (coalesced at the end of
