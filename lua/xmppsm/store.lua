@@ -463,8 +463,13 @@ function Store:queued(raw, stamp)
     -- back when the write fails). The same outcome as the general path below, fewer steps.
     local ok, err = self:_write_record(T_QUEUED, stamp, raw)   -- the stamp packed as "<d"
     if not ok then return nil, err end
-    apply_queued(self, raw, stamp)
-    self:_maybe_compact()
+    -- apply_queued and _maybe_compact's test inlined: this runs once per stanza sent.
+    local t = self.tail + 1
+    self.tail = t
+    self.raws[t], self.stamps[t] = raw, stamp
+    local items_bytes = self.items_bytes + #raw + ITEM_OVERHEAD
+    self.items_bytes = items_bytes
+    if self.journal_bytes > 2 * (items_bytes + 256) + COMPACT_SLACK then self:_maybe_compact() end
     return true
   end
   savepoint(self)
