@@ -436,16 +436,20 @@ end
 -- @tparam[opt] string body
 -- @return the stanza, at the top builder position
 function stanza.message(attr, body)
-  local st = new_element("message", attr, 2)
-  if body ~= nil then
-    if type(body) ~= "string" then error("text must be a string, got " .. type(body), 2) end
-    -- What text_tag("body", body) builds, without its generic steps.
-    local b = setmetatable({ name = "body", attr = {}, tags = {} }, stanza_mt)
-    if body ~= "" then b[1] = body end
-    st[1] = b
-    st.tags[1] = b
+  if body == nil then return new_element("message", attr, 2) end
+  if attr ~= nil and type(attr) ~= "table" then
+    error("attributes must be a table, got " .. type(attr), 2)
   end
-  return st
+  if type(body) ~= "string" then error("text must be a string, got " .. type(body), 2) end
+  -- What text_tag("body", body) builds, each table made whole by one constructor: one that
+  -- gets its [1] afterwards is resized, which cost more than building the rest of the message.
+  local b
+  if body ~= "" then
+    b = setmetatable({ body, name = "body", attr = {}, tags = {} }, stanza_mt)
+  else
+    b = setmetatable({ name = "body", attr = {}, tags = {} }, stanza_mt)
+  end
+  return setmetatable({ b, name = "message", attr = attr or {}, tags = { b } }, stanza_mt)
 end
 
 --- A `<presence>`.
