@@ -341,16 +341,18 @@ end
 -- Incoming ----------------------------------------------------------------------------------------
 
 function Client:_incoming(el)
-  if self.sm and self.sm:incoming(el) then return end
   local name = el.name
   local xmlns = element_ns(el) -- el.attr.xmlns, without building a lazy stanza's attr
+  -- Stanzas carry no xmlns of their own (the stream's); only other elements can be SM's.
   if xmlns ~= nil or (name ~= "message" and name ~= "presence" and name ~= "iq") then
+    if self.sm and self.sm:incoming(el) then return end
     self:_log("debug", "ignored top-level <" .. name .. "/> in " .. tostring(xmlns))
     return
   end
   self:_dispatch(el, name)
   -- Counted once handled, so a crash mid-handler gets the stanza again after resumption.
-  if self.sm then self.sm:count_inbound() end
+  local sm_ = self.sm
+  if sm_ then sm_:count_inbound() end
 end
 
 function Client:_dispatch(el, name)

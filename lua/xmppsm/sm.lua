@@ -118,25 +118,29 @@ local function object_of(raw, obj)
   return stanza.parse(raw)
 end
 
-function SM:_acked(raw, obj)
-  local cb = obj and self.callbacks[obj]
-  if cb then self.callbacks[obj] = nil end
-  local stats = self.stats
-  stats.acked = stats.acked + 1
+-- Settles the first `n` items of an ack's result (raw, obj, stamp each) as acknowledged.
+-- Runs for every acknowledged stanza: the lookups are made once per batch, and events nobody
+-- listens to cost a table lookup, not a call (nor a re-parse of a stanza restored from the store).
+function SM:_acked(items, n)
+  local callbacks, stats = self.callbacks, self.stats
   local events = self.client.events
-  -- Runs once per acknowledged stanza: events nobody listens to cost a table lookup, not a call
-  -- (nor a re-parse of a stanza restored from the store).
-  local listeners = events.handlers
-  local st = obj
-  if listeners.ackedStanza or listeners.ack or cb then
-    st = object_of(raw, obj)
-    if listeners.ackedStanza then events:fire("ackedStanza", st) end
-  end
-  if listeners.ackedRaw then events:fire("ackedRaw", raw) end
-  if listeners.ack then events:fire("ack", st) end
-  if cb then
-    local ok, err = pcall(cb, true, nil, st)
-    if not ok then self.client:_handler_error("send callback", err) end
+  local listeners = events.handlers   -- the same table for the emitter's life
+  for i = 1, n do
+    local raw, obj = items[3 * i - 2], items[3 * i - 1]
+    local cb = obj and callbacks[obj]
+    if cb then callbacks[obj] = nil end
+    stats.acked = stats.acked + 1
+    local st = obj
+    if listeners.ackedStanza or listeners.ack or cb then
+      st = object_of(raw, obj)
+      if listeners.ackedStanza then events:fire("ackedStanza", st) end
+    end
+    if listeners.ackedRaw then events:fire("ackedRaw", raw) end
+    if listeners.ack then events:fire("ack", st) end
+    if cb then
+      local ok, err = pcall(cb, true, nil, st)
+      if not ok then self.client:_handler_error("send callback", err) end
+    end
   end
 end
 
@@ -180,9 +184,7 @@ function SM:_handle_h(h_text, where)
     return false
   end
   if n > 0 and self.store then self.store:acked(h, n) end
-  for i = 1, n do
-    self:_acked(items[3 * i - 2], items[3 * i - 1])
-  end
+  self:_acked(items, n)
   return true
 end
 
