@@ -21,12 +21,13 @@
 #define XML_NS "http://www.w3.org/XML/1998/namespace"
 #define XMLNS_NS "http://www.w3.org/2000/xmlns/"
 
-/* Stack slots core.serialize sets up before walking (see ser_serialize). */
+/* The stack slot core.serialize sets up before walking (see ser_serialize). */
 #define SLOT_OUT 3
-#define SLOT_KNAME 4
-#define SLOT_KATTR 5
-#define SLOT_KXMLNS 6
-#define SLOT_KMAT 7 /* "__xmppsm_materialize": a parser's lazy elements (csrc/parser.c) */
+/* The keys it looks up, as upvalues of core.serialize: made once, not on every call. */
+#define SLOT_KNAME lua_upvalueindex(1)
+#define SLOT_KATTR lua_upvalueindex(2)
+#define SLOT_KXMLNS lua_upvalueindex(3)
+#define SLOT_KMAT lua_upvalueindex(4) /* "__xmppsm_materialize": a parser's lazy elements (csrc/parser.c) */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Output buffer. A stanza is usually small, so it starts in a C array; when it outgrows it, it
@@ -609,10 +610,6 @@ static int ser_serialize(lua_State *L) {
     ns = luaL_optlstring(L, 2, DEFAULT_NS, &nslen);
     lua_settop(L, 2);
     lua_pushnil(L);             /* SLOT_OUT: the buffer's userdata once it leaves the C stack */
-    lua_pushliteral(L, "name"); /* SLOT_KNAME */
-    lua_pushliteral(L, "attr"); /* SLOT_KATTR */
-    lua_pushliteral(L, "xmlns");/* SLOT_KXMLNS */
-    lua_pushliteral(L, "__xmppsm_materialize"); /* SLOT_KMAT */
     ser_init(&S, L);
     lua_pushvalue(L, 1);
     if (ser_element(&S, 1, ns, nslen, NULL, 0)) {
@@ -651,9 +648,14 @@ static int ser_escape(lua_State *L) {
 
 void xmppsm_open_serialize(lua_State *L) {
     static const luaL_Reg funcs[] = {
-        {"serialize", ser_serialize},
         {"escape", ser_escape},
         {NULL, NULL},
     };
     luaL_setfuncs(L, funcs, 0);
+    lua_pushliteral(L, "name");  /* SLOT_KNAME */
+    lua_pushliteral(L, "attr");  /* SLOT_KATTR */
+    lua_pushliteral(L, "xmlns"); /* SLOT_KXMLNS */
+    lua_pushliteral(L, "__xmppsm_materialize"); /* SLOT_KMAT */
+    lua_pushcclosure(L, ser_serialize, 4);
+    lua_setfield(L, -2, "serialize");
 }
