@@ -458,20 +458,6 @@ function Store:queued(raw, stamp)
   if type(raw) ~= "string" then error("xmppsm.store: queued: raw must be a string", 2) end
   if type(stamp) ~= "number" then error("xmppsm.store: queued: stamp must be a number", 2) end
   stamp = stamp + 0.0
-  if self.append_only and not self.broken then
-    -- The file store's common case: write the record, then change the state (nothing to roll
-    -- back when the write fails). The same outcome as the general path below, fewer steps.
-    local ok, err = self:_write_record(T_QUEUED, stamp, raw)   -- the stamp packed as "<d"
-    if not ok then return nil, err end
-    -- apply_queued and _maybe_compact's test inlined: this runs once per stanza sent.
-    local t = self.tail + 1
-    self.tail = t
-    self.raws[t], self.stamps[t] = raw, stamp
-    local items_bytes = self.items_bytes + #raw + ITEM_OVERHEAD
-    self.items_bytes = items_bytes
-    if self.journal_bytes > 2 * (items_bytes + 256) + COMPACT_SLACK then self:_maybe_compact() end
-    return true
-  end
   savepoint(self)
   apply_queued(self, raw, stamp)
   return commit(self, T_QUEUED, spack("<d", stamp) .. raw)
@@ -600,6 +586,12 @@ function FileStore:_rewrite()
   return true
 end
 
+-- A journal write failed: the journal may now end in a partial record (see _append).
+function FileStore:_write_failed(err)
+  self.broken = true
+  return nil, "xmppsm.store: writing " .. self.path .. ": " .. tostring(err)
+end
+
 -- Writes one record (payload `a` .. `b`, `b` optional; `a` a string, or a number written as
 -- "<d") to the journal with the store's durability, changing nothing else; a failure marks the
 -- journal broken (see _append).
@@ -608,12 +600,33 @@ function FileStore:_write_record(rtype, a, b)
   local d = self.durability
   local ok, err = write_record(f, rtype, a, b, d == "write")
   if ok and d == "fsync" then ok, err = fsync(f) end
-  if not ok then
-    self.broken = true
-    return nil, "xmppsm.store: writing " .. self.path .. ": " .. tostring(err)
-  end
+  if not ok then return self:_write_failed(err) end
   local alen = type(a) == "number" and 8 or #a
   self.journal_bytes = self.journal_bytes + alen + (b and #b or 0) + REC_OVERHEAD
+  return true
+end
+
+--- As `Store:queued`. The common case (a usable journal, valid arguments) in one function, as
+-- it runs once per stanza sent: write the record, then change the state (nothing to roll back
+-- when the write fails); anything else takes the general path.
+function FileStore:queued(raw, stamp)
+  if self.broken or self.closed or not self.loaded or type(raw) ~= "string"
+     or type(stamp) ~= "number" then
+    return Store.queued(self, raw, stamp)   -- a tail call: its errors name our caller
+  end
+  stamp = stamp + 0.0
+  local f, d = self.journal, self.durability
+  local ok, err = write_record(f, T_QUEUED, stamp, raw, d == "write")   -- the stamp as "<d"
+  if ok and d == "fsync" then ok, err = fsync(f) end
+  if not ok then return self:_write_failed(err) end
+  local n = #raw
+  self.journal_bytes = self.journal_bytes + 8 + n + REC_OVERHEAD
+  local t = self.tail + 1
+  self.tail = t
+  self.raws[t], self.stamps[t] = raw, stamp
+  local items_bytes = self.items_bytes + n + ITEM_OVERHEAD
+  self.items_bytes = items_bytes
+  if self.journal_bytes > 2 * (items_bytes + 256) + COMPACT_SLACK then self:_maybe_compact() end
   return true
 end
 
@@ -794,7 +807,7 @@ function store.file(path, opts)
     path = path, dir = dir, tmp_path = path .. ".tmp", durability = durability,
     lockf = lockf, journal = nil, journal_bytes = 0, compact_floor = 0, compactions = 0,
     loaded = false, closed = false, broken = nil, sp = {},
-    append_only = true,    -- mutations take the fast path of Store:queued and friends
+    append_only = true,    -- mutations take the fast path of Store:acked and friends
   }, FileStore)
   reset_state(self)
   return self
