@@ -12,7 +12,8 @@
 -- built on first read, its children on first other use by its metatable, which then becomes
 -- `stanza.metatable`.
 -- Code here that reads an element raw (`rawlen`, `rawget`) outside a method call first calls
--- `core.materialize`.
+-- `core.materialize`. `message(attr, body)` builds *compact* elements, filled in on first use
+-- the same way (see compact_mt below).
 --
 -- **Builder position.** `:tag()` moves into the new child, `:up()` back out, `:reset()` to the
 -- top. That position is kept outside the element (in a table with weak keys, keyed by the
@@ -431,6 +432,29 @@ function stanza.parse(xml)
   return nil, "incomplete stanza"
 end
 
+-- `message(attr, body)` builds its two elements *compact*: without the tables nobody may read
+-- (the body's `attr`, both `tags` lists), which cost more than the rest of the message to make.
+-- The first read of a field that is not there fills them in (`attr = {}`, `tags` from the
+-- children) and gives the element `stanza.metatable`; from then on it is an ordinary element.
+-- Raw reads (`rawget`, `next`, the serializer) see only what is there, as with the parser's lazy
+-- elements (docs/core.md).
+local compact_mt = { __name = "xmppsm.stanza", __xmppsm_stanza_mt = stanza_mt,
+                     __tostring = stanza_mt.__tostring }
+
+function compact_mt.__index(el, k)
+  if rawget(el, "attr") == nil then rawset(el, "attr", {}) end
+  if rawget(el, "tags") == nil then
+    local tags = {}
+    for i = 1, rawlen(el) do
+      local c = rawget(el, i)
+      if type(c) == "table" then tags[#tags + 1] = c end
+    end
+    rawset(el, "tags", tags)
+  end
+  setmetatable(el, stanza_mt)
+  return el[k]
+end
+
 --- A `<message>`, optionally with a `<body>`.
 -- @tparam[opt] table attr
 -- @tparam[opt] string body
@@ -441,15 +465,15 @@ function stanza.message(attr, body)
     error("attributes must be a table, got " .. type(attr), 2)
   end
   if type(body) ~= "string" then error("text must be a string, got " .. type(body), 2) end
-  -- What text_tag("body", body) builds, each table made whole by one constructor: one that
-  -- gets its [1] afterwards is resized, which cost more than building the rest of the message.
+  -- Each table made whole by one constructor (one given its [1] afterwards is resized), and
+  -- compact (see compact_mt).
   local b
   if body ~= "" then
-    b = setmetatable({ body, name = "body", attr = {}, tags = {} }, stanza_mt)
+    b = setmetatable({ body, name = "body" }, compact_mt)
   else
-    b = setmetatable({ name = "body", attr = {}, tags = {} }, stanza_mt)
+    b = setmetatable({ name = "body" }, compact_mt)
   end
-  return setmetatable({ b, name = "message", attr = attr or {}, tags = { b } }, stanza_mt)
+  return setmetatable({ b, name = "message", attr = attr or {} }, compact_mt)
 end
 
 --- A `<presence>`.

@@ -1,5 +1,6 @@
 -- xmppsm.stanza: the builder and accessors.
 local stanza = require "xmppsm.stanza"
+local core = require "xmppsm.core"
 local stanza_equal = require "helpers.stanza_equal"
 
 local xmlns_stanzas = "urn:ietf:params:xml:ns:xmpp-stanzas"
@@ -109,6 +110,30 @@ describe("xmppsm.stanza", function()
       local m = stanza.message({ type = "chat" }, "hello")
       assert.equal("hello", m:get_child_text("body"))
       assert.is_true(m:at_top())
+    end)
+
+    it("message with a body is compact until a field that is not there is read", function()
+      local m = stanza.message({ to = "a@b" }, "hi")
+      local body = rawget(m, 1)
+      assert.is_nil(rawget(m, "tags"))
+      assert.is_nil(rawget(body, "attr"))
+      assert.is_nil(rawget(body, "tags"))
+      assert.is_true(stanza.is_stanza(m))
+      assert.equal("<message to='a@b'><body>hi</body></message>", tostring(m))
+      assert.equal("<message to='a@b'><body>hi</body></message>", (core.serialize(m)))
+      assert.is_nil(rawget(m, "tags"))   -- serializing reads raw: still compact
+      assert.equal("a@b", m.attr.to)     -- there: nothing filled in
+      assert.is_nil(rawget(m, "tags"))
+      assert.equal(body, m.tags[1])      -- not there: filled in
+      assert.equal(stanza.metatable, getmetatable(m))
+      assert.is_nil(rawget(body, "attr"))
+      assert.same({}, body.attr)
+      assert.same({}, body.tags)
+      assert.equal(stanza.metatable, getmetatable(body))
+      local m2 = stanza.message(nil, "x")
+      assert.equal("x", m2:get_child_text("body"))   -- a method fills in too
+      assert.equal(stanza.metatable, getmetatable(m2))
+      assert.same({}, m2.attr)
     end)
 
     it("message with a body builds what the generic builder builds, and goes on building", function()
