@@ -47,6 +47,8 @@ local stanza = {}
 --- Methods of every stanza (the metatable's `__index`).
 local methods = {}
 local stanza_mt = { __name = "xmppsm.stanza", __index = methods }
+-- The metatable of message()'s compact elements (filled in below, see stanza.message).
+local compact_mt = { __name = "xmppsm.stanza", __xmppsm_stanza_mt = stanza_mt }
 
 -- Builder positions: element -> stack of open descendants, innermost last. Weak keys so a
 -- stanza that is dropped mid-build does not leak; an entry goes away when `up()` reaches the top.
@@ -130,7 +132,8 @@ end
 -- @treturn boolean
 function stanza.is_stanza(x)
   local mt = getmetatable(x)
-  return mt == stanza_mt or (type(mt) == "table" and rawget(mt, "__xmppsm_stanza_mt") == stanza_mt)
+  return mt == stanza_mt or mt == compact_mt
+    or (type(mt) == "table" and rawget(mt, "__xmppsm_stanza_mt") == stanza_mt)
 end
 
 --- The metatable of stanzas, for the parser's `stanza_mt` option.
@@ -438,8 +441,7 @@ end
 -- children) and gives the element `stanza.metatable`; from then on it is an ordinary element.
 -- Raw reads (`rawget`, `next`, the serializer) see only what is there, as with the parser's lazy
 -- elements (docs/core.md).
-local compact_mt = { __name = "xmppsm.stanza", __xmppsm_stanza_mt = stanza_mt,
-                     __tostring = stanza_mt.__tostring }
+compact_mt.__tostring = stanza_mt.__tostring
 
 function compact_mt.__index(el, k)
   if rawget(el, "attr") == nil then rawset(el, "attr", {}) end
