@@ -121,6 +121,38 @@ describe("stream management against Prosody", function()
     assert.is_number(state.rtt_avg)
   end)
 
+  it("gives each send its own callback, once, with the object sent, when one stanza is sent again", function()
+    local st = msg("bob@" .. DOMAIN, "same")
+    local size = #tostring(st)
+    -- Room for two copies in flight, not three.
+    local a = new_client("alice", nil, { store = false, max_queue_bytes = 2 * size + size // 2 },
+                         { presence = false })
+    local b = new_client("bob")
+    local seen = receiver(b)
+    online(b)
+    local calls = {}
+    local function cb(tag)
+      return function(ok, err, got) calls[#calls + 1] = { tag, ok, err and err.condition, got == st } end
+    end
+    assert.is_true(a:send(st, cb("while offline")))
+    online(a)
+    wait.until_true(function() return #calls == 1 end, 10, "the first outcome")
+    -- Two copies in flight fill the queue's bytes: the third send fails at once, by itself.
+    assert.is_true(a:send(st, cb("first")))
+    assert.is_true(a:send(st, cb("second")))
+    assert.is_true(a:send(st, cb("third")))
+    wait.until_true(function() return #calls == 4 and seen.total == 3 end, 10, "every outcome")
+    table.sort(calls, function(x, y) return x[1] < y[1] end)
+    assert.same({
+      { "first", true, nil, true },
+      { "second", true, nil, true },
+      { "third", false, "queue-full", true },
+      { "while offline", true, nil, true },
+    }, calls)
+    assert.equal(3, seen.same)
+    assert.equal(0, a:sm_state().unacked)
+  end)
+
   it("delivers 1,000 messages exactly once through several cuts, each acknowledged once", function()
     local proxy = proxy_helper.start{ target_port = server.port }
     local a, b = new_client("alice", proxy.port), new_client("bob")

@@ -66,7 +66,11 @@ function sm.new(client, given, store)
     -- has forgotten (outcome events then get it parsed back from the bytes).
     queue = core.queue{ max_items = o.max_queue, max_bytes = o.max_queue_bytes, weak_objects = true },
     unsent = {},           -- { raw=, st=, stamp=, cb= } in send order
-    callbacks = {},        -- queue obj (stanza table) -> outcome callback
+    -- A queued stanza's outcome callback and its stanza, by the item's sequence number: one per
+    -- send, even when one stanza object is sent twice. The stanza is held so the callback gets
+    -- the very table that was sent (the queue holds it weakly).
+    callbacks = {},
+    held = {},
     enabled = false,       -- SM is on for the current stream
     session = nil,         -- { id, location, max, jid } of a resumable session
     inbound = 0,
@@ -118,17 +122,29 @@ local function object_of(raw, obj)
   return stanza.parse(raw)
 end
 
--- Settles the first `n` items of an ack's result (raw, obj, stamp each) as acknowledged.
+-- Takes the outcome callback of the queue item numbered `seq` (nil when it has none).
+function SM:_take_callback(seq)
+  local cb = self.callbacks[seq]
+  if cb then
+    self.callbacks[seq] = nil
+    self.held[seq] = nil
+  end
+  return cb
+end
+
+-- Settles the first `n` items of an ack's result (raw, obj, stamp each) as acknowledged; the
+-- first of them is numbered `base` + 1.
 -- Runs for every acknowledged stanza: the lookups are made once per batch, and events nobody
 -- listens to cost a table lookup, not a call (nor a re-parse of a stanza restored from the store).
-function SM:_acked(items, n)
-  local callbacks, stats = self.callbacks, self.stats
+function SM:_acked(items, n, base)
+  local callbacks, held, stats = self.callbacks, self.held, self.stats
   local events = self.client.events
   local listeners = events.handlers   -- the same table for the emitter's life
   for i = 1, n do
     local raw, obj = items[3 * i - 2], items[3 * i - 1]
-    local cb = obj and callbacks[obj]
-    if cb then callbacks[obj] = nil end
+    local seq = (base + i) & 0xFFFFFFFF
+    local cb = callbacks[seq]
+    if cb then callbacks[seq], held[seq] = nil, nil end
     stats.acked = stats.acked + 1
     local st = obj
     if listeners.ackedStanza or listeners.ack or cb then
@@ -144,10 +160,9 @@ function SM:_acked(items, n)
   end
 end
 
-function SM:_failed(raw, obj, err)
+-- Settles a stanza as failed; `cb` is its outcome callback (or nil).
+function SM:_failed(raw, obj, err, cb)
   local st = object_of(raw, obj)
-  local cb = obj and self.callbacks[obj]
-  if cb then self.callbacks[obj] = nil end
   self.stats.failed = self.stats.failed + 1
   self.client.events:fire("fail", st, err)
   if cb then
@@ -165,6 +180,7 @@ function SM:_handle_h(h_text, where)
     self.client.events:fire("error", xmperror.new("sm", "bad-ack", "malformed h in " .. where))
     return true
   end
+  local base = self.queue:acked()
   local items, n = self.queue:ack(h)
   if not items then
     local text = string.format("the server acknowledged %d stanzas but only %d were sent",
@@ -184,7 +200,7 @@ function SM:_handle_h(h_text, where)
     return false
   end
   if n > 0 and self.store then self.store:acked(h, n) end
-  self:_acked(items, n)
+  self:_acked(items, n, base)
   return true
 end
 
@@ -210,31 +226,31 @@ function SM:send(st, cb)
       return nil, xmperror.new("send", "store-failed", "not stored, not sent: " .. tostring(serr))
     end
   end
-  if cb then self.callbacks[st] = cb end
   if self.client.state ~= "online" then
-    unsent[#unsent + 1] = { raw = raw, st = st, stamp = stamp }
+    unsent[#unsent + 1] = { raw = raw, st = st, stamp = stamp, cb = cb }
   elseif self.enabled then
-    self:_write(raw, st, stamp)
+    self:_write(raw, st, stamp, cb)
   else
-    self:_send_unmanaged(raw, st)
+    self:_send_unmanaged(raw, st, cb)
   end
   return true
 end
 
 -- Without Stream Management nothing can be acknowledged: say so rather than pretend.
-function SM:_send_unmanaged(raw, st)
+function SM:_send_unmanaged(raw, st, cb)
   self.client.conn:send_raw(raw)
   self:_failed(raw, st, xmperror.new("sm", "unacknowledged",
-    "sent, but the server does not acknowledge stanzas (no stream management)"))
+    "sent, but the server does not acknowledge stanzas (no stream management)"), cb)
   self.dirty = true
 end
 
-function SM:_write(raw, st, stamp)
+function SM:_write(raw, st, stamp, cb)
   local seq, err = self.queue:push(raw, st, stamp)
   if not seq then
     -- The byte limit: settle it now rather than hold it forever.
-    return self:_failed(raw, st, xmperror.new("send", "queue-full", tostring(err)))
+    return self:_failed(raw, st, xmperror.new("send", "queue-full", tostring(err)), cb)
   end
+  if cb then self.callbacks[seq], self.held[seq] = cb, st end
   self.client.conn:send_raw(raw)
   -- _ack_policy's own first test, here: while an <r/> is out (most sends) it has nothing to do.
   if not self.r_outstanding then self:_ack_policy() end
@@ -359,11 +375,13 @@ function SM:_session_lost(err)
   self.session = nil
   self.inbound, self.inbound_dirty = 0, false
   self.client.iq:fail_all(xmperror.new("iq", "session-lost", "the session was lost before the reply"))
+  local base = self.queue:acked()
   local items, n = self.queue:clear()
   self.queue:set_counter(0)
   local resend = {}
   for i = 1, n do
     local raw, obj, stamp = items[3 * i - 2], items[3 * i - 1], items[3 * i]
+    local cb = self:_take_callback((base + i) & 0xFFFFFFFF)
     local st = object_of(raw, obj)
     local policy = self.opts.leftovers
     if type(policy) == "function" then
@@ -372,10 +390,9 @@ function SM:_session_lost(err)
     end
     -- An IQ request re-sent in a new session would get an orphan reply: settle it instead.
     if policy == "resend" and st.name ~= "iq" then
-      resend[#resend + 1] = { raw = raw, st = obj or st, stamp = stamp }
-      if not obj and self.callbacks[st] == nil then resend[#resend].st = st end
+      resend[#resend + 1] = { raw = raw, st = st, stamp = stamp, cb = cb }
     else
-      self:_failed(raw, obj, err)
+      self:_failed(raw, obj, err, cb)
     end
   end
   -- Leftovers go out before anything sent since, keeping the order send() saw.
@@ -444,9 +461,9 @@ function SM:online()
   local unsent = self.unsent
   self.unsent = {}
   if self.enabled then
-    for _, item in ipairs(unsent) do self:_write(item.raw, item.st, item.stamp) end
+    for _, item in ipairs(unsent) do self:_write(item.raw, item.st, item.stamp, item.cb) end
   else
-    for _, item in ipairs(unsent) do self:_send_unmanaged(item.raw, item.st) end
+    for _, item in ipairs(unsent) do self:_send_unmanaged(item.raw, item.st, item.cb) end
   end
   if self.dirty then self:_persist_all() end
   if self.enabled then self:_start_idle_timer() end
@@ -520,11 +537,14 @@ function SM:client_stopped(err)
   self:disconnected()
   local reason = err or xmperror.new("sm", "closed",
                                      "the client was closed before the server acknowledged it")
+  local base = self.queue:acked()
   local items, n = self.queue:clear()
-  for i = 1, n do self:_failed(items[3 * i - 2], items[3 * i - 1], reason) end
+  for i = 1, n do
+    self:_failed(items[3 * i - 2], items[3 * i - 1], reason, self:_take_callback((base + i) & 0xFFFFFFFF))
+  end
   local unsent = self.unsent
   self.unsent = {}
-  for _, item in ipairs(unsent) do self:_failed(item.raw, item.st, reason) end
+  for _, item in ipairs(unsent) do self:_failed(item.raw, item.st, reason, item.cb) end
   self.session = nil
   self:_persist_all()
 end
