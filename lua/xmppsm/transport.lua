@@ -226,13 +226,6 @@ function Transport:send(data)
   return true
 end
 
---- Bytes queued and not yet written.
-function Transport:pending()
-  local n = 0
-  for i, s in ipairs(self.out) do n = n + #s - (i == 1 and self.out_pos - 1 or 0) end
-  return n
-end
-
 function Transport:_flush()
   if self.broken then return end
   local out = self.out
