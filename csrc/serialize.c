@@ -228,6 +228,21 @@ static inline uint64_t has_byte(uint64_t v, unsigned char c) {
     return (x - ONES) & ~x & HIGHS;
 }
 
+/* Where the first marked byte of a word test is. The lowest mark is always a real match (borrows
+ * only go upwards), and with little-endian loads the lowest byte is the first in the string. */
+static inline size_t first_marked(const unsigned char *cls, const unsigned char *s, uint64_t m) {
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    (void)cls; (void)s;
+    return (size_t)__builtin_ctzll(m) >> 3;
+#else
+    size_t k = 0;
+    (void)m;
+    /* The mark may be a TAB or LF, which text copies: stop on the last byte then. */
+    while (k < 7 && cls[s[k]] == COPY) k++;
+    return k;
+#endif
+}
+
 /* Appends s escaped by cls after checking UTF-8 and XML 1.0 characters. Returns 0, or 1 with an
  * error message pushed (the buffer then holds garbage, which the caller discards). */
 static int put_escaped(lua_State *L, Out *o, const unsigned char *cls, const char *str, size_t n,
@@ -236,21 +251,19 @@ static int put_escaped(lua_State *L, Out *o, const unsigned char *cls, const cha
     const int attr = cls == attr_class;
     size_t i = 0, run = 0;
     while (i < n) {
-        size_t stop;
-        /* Skip 8 plain bytes at a time; the first word with anything else goes to the byte loop,
-         * which then handles that whole word before trying words again (so text that is mostly
-         * non-ASCII does not pay a failed word test per character). */
-        while (n - i >= 8) {
+        unsigned char c;
+        /* Skip 8 plain bytes at a time, and from a word with anything else straight to its first
+         * such byte; only those bytes (and the last few of the string) go through the switch.
+         * TAB and LF are marked too, and then copied by the switch. */
+        if (n - i >= 8) {
             uint64_t v, m;
             memcpy(&v, s + i, 8);
             m = (v & HIGHS) | has_less_0x20(v) | has_byte(v, '&') | has_byte(v, '<') | has_byte(v, '>');
             if (attr) m |= has_byte(v, '"') | has_byte(v, '\'');
-            if (m) break;
-            i += 8;
+            if (!m) { i += 8; continue; }
+            i += first_marked(cls, s + i, m);
         }
-        stop = n - i > 8 ? i + 8 : n;
-        while (i < stop) {
-        unsigned char c = s[i];
+        c = s[i];
         switch (cls[c]) {
         case COPY:
             i++;
@@ -275,7 +288,6 @@ static int put_escaped(lua_State *L, Out *o, const unsigned char *cls, const cha
             break;
         default:
             return fail_char(L, w, i, c);
-        }
         }
     }
     out_add(o, str + run, n - run);
