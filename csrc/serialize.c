@@ -271,7 +271,10 @@ static int put_escaped(lua_State *L, Out *o, const unsigned char *cls, const cha
         case MB: {
             unsigned long cp = 0;
             int err = U_OK;
-            size_t len = utf8_decode(s, n, i, &cp, &err);
+            size_t len;
+            /* Two bytes (U+0080..U+07FF: Latin, Greek, Cyrillic, ...) are always allowed. */
+            if (c >= 0xC2 && c <= 0xDF && i + 1 < n && (s[i + 1] & 0xC0) == 0x80) { i += 2; break; }
+            len = utf8_decode(s, n, i, &cp, &err);
             if (len == 0) {
                 push_utf8_error(L, s, i, err, cp);
                 return fail_at(L, w, i);

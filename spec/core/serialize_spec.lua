@@ -212,6 +212,8 @@ describe("core.serialize", function()
       { "\xF0\x9F\x98", "truncated sequence" },
       { "\xC3A", "truncated sequence" },
       { "\xE2\x82A", "truncated sequence" },
+      { "\xDF", "truncated sequence" },
+      { "\xC2\xC3\xA9", "truncated sequence" },
     }
     for _, case in ipairs(cases) do
       local bytes, why = case[1], case[2]
@@ -228,6 +230,13 @@ describe("core.serialize", function()
         assert.equal("invalid UTF-8 (" .. why .. ") in xmlns of <q> (byte 5)", err)
       end)
     end
+
+    it("accepts every two-byte sequence, U+0080 to U+07FF", function()
+      for cp = 0x80, 0x7FF do
+        local v = "a" .. utf8.char(cp) .. "bcdefghij"
+        assert.equal("<x>" .. v .. "</x>", serialize(el("x", {}, v)))
+      end
+    end)
 
     it("refuses invalid UTF-8 in names", function()
       local s, err = serialize(el("a\xC0\x80"))
