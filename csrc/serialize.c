@@ -23,11 +23,13 @@
 
 /* The stack slot core.serialize sets up before walking (see ser_serialize). */
 #define SLOT_OUT 3
-/* The keys it looks up, as upvalues of core.serialize: made once, not on every call. */
-#define SLOT_KNAME lua_upvalueindex(1)
-#define SLOT_KATTR lua_upvalueindex(2)
-#define SLOT_KXMLNS lua_upvalueindex(3)
-#define SLOT_KMAT lua_upvalueindex(4) /* "__xmppsm_materialize": a parser's lazy elements (csrc/parser.c) */
+#define SLOT_PLAINMT 4 /* the last metatable found to have no __xmppsm_materialize, or nil */
+
+/* The keys the walk reads, kept as upvalues of core.serialize so a call does not create them. */
+#define UV_KNAME lua_upvalueindex(1)
+#define UV_KATTR lua_upvalueindex(2)
+#define UV_KXMLNS lua_upvalueindex(3)
+#define UV_KMAT lua_upvalueindex(4) /* "__xmppsm_materialize": a parser's lazy elements (csrc/parser.c) */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Output buffer. A stanza is usually small, so it starts in a C array; when it outgrows it, it
@@ -226,6 +228,21 @@ static inline uint64_t has_byte(uint64_t v, unsigned char c) {
     return (x - ONES) & ~x & HIGHS;
 }
 
+/* Where the first marked byte of a word test is. The lowest mark is always a real match (borrows
+ * only go upwards), and with little-endian loads the lowest byte is the first in the string. */
+static inline size_t first_marked(const unsigned char *cls, const unsigned char *s, uint64_t m) {
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    (void)cls; (void)s;
+    return (size_t)__builtin_ctzll(m) >> 3;
+#else
+    size_t k = 0;
+    (void)m;
+    /* The mark may be a TAB or LF, which text copies: stop on the last byte then. */
+    while (k < 7 && cls[s[k]] == COPY) k++;
+    return k;
+#endif
+}
+
 /* Appends s escaped by cls after checking UTF-8 and XML 1.0 characters. Returns 0, or 1 with an
  * error message pushed (the buffer then holds garbage, which the caller discards). */
 static int put_escaped(lua_State *L, Out *o, const unsigned char *cls, const char *str, size_t n,
@@ -234,21 +251,19 @@ static int put_escaped(lua_State *L, Out *o, const unsigned char *cls, const cha
     const int attr = cls == attr_class;
     size_t i = 0, run = 0;
     while (i < n) {
-        size_t stop;
-        /* Skip 8 plain bytes at a time; the first word with anything else goes to the byte loop,
-         * which then handles that whole word before trying words again (so text that is mostly
-         * non-ASCII does not pay a failed word test per character). */
-        while (n - i >= 8) {
+        unsigned char c;
+        /* Skip 8 plain bytes at a time, and from a word with anything else straight to its first
+         * such byte; only those bytes (and the last few of the string) go through the switch.
+         * TAB and LF are marked too, and then copied by the switch. */
+        if (n - i >= 8) {
             uint64_t v, m;
             memcpy(&v, s + i, 8);
             m = (v & HIGHS) | has_less_0x20(v) | has_byte(v, '&') | has_byte(v, '<') | has_byte(v, '>');
             if (attr) m |= has_byte(v, '"') | has_byte(v, '\'');
-            if (m) break;
-            i += 8;
+            if (!m) { i += 8; continue; }
+            i += first_marked(cls, s + i, m);
         }
-        stop = n - i > 8 ? i + 8 : n;
-        while (i < stop) {
-        unsigned char c = s[i];
+        c = s[i];
         switch (cls[c]) {
         case COPY:
             i++;
@@ -256,7 +271,10 @@ static int put_escaped(lua_State *L, Out *o, const unsigned char *cls, const cha
         case MB: {
             unsigned long cp = 0;
             int err = U_OK;
-            size_t len = utf8_decode(s, n, i, &cp, &err);
+            size_t len;
+            /* Two bytes (U+0080..U+07FF: Latin, Greek, Cyrillic, ...) are always allowed. */
+            if (c >= 0xC2 && c <= 0xDF && i + 1 < n && (s[i + 1] & 0xC0) == 0x80) { i += 2; break; }
+            len = utf8_decode(s, n, i, &cp, &err);
             if (len == 0) {
                 push_utf8_error(L, s, i, err, cp);
                 return fail_at(L, w, i);
@@ -273,7 +291,6 @@ static int put_escaped(lua_State *L, Out *o, const unsigned char *cls, const cha
             break;
         default:
             return fail_char(L, w, i, c);
-        }
         }
     }
     out_add(o, str + run, n - run);
@@ -389,7 +406,8 @@ static int put_attrs(Ser *S, int ai, const char *el) {
     lua_pushnil(L);
     while (lua_next(L, ai)) {
         size_t klen, vlen;
-        const char *k, *v, *sep, *local = NULL, *why, *prefix = NULL;
+        const char *k, *v, *sep = NULL, *local = NULL, *why, *prefix = NULL;
+        int plain;
         Where w;
         char pbuf[24];
         if (lua_type(L, -2) != LUA_TSTRING) {
@@ -399,7 +417,9 @@ static int put_attrs(Ser *S, int ai, const char *el) {
         k = lua_tolstring(L, -2, &klen);
         if (klen == 5 && memcmp(k, "xmlns", 5) == 0) { lua_pop(L, 1); continue; }
         w.kind = W_ATTR; w.el = el; w.attr = k; w.ns = NULL; w.nslen = 0;
-        sep = memchr(k, '\1', klen);
+        /* Nearly every key is a plain NCName, which has neither '\1' nor ':': test that first. */
+        plain = ncname_error(k, klen, why_buf, sizeof why_buf) == NULL;
+        if (!plain) sep = memchr(k, '\1', klen);
         if (sep) {
             /* ns .. "\1" .. local: a prefix is declared on this element for ns. */
             size_t nslen = (size_t)(sep - k);
@@ -459,8 +479,8 @@ static int put_attrs(Ser *S, int ai, const char *el) {
             w.ns = k; /* checked by now, so printable in a message about the value */
             w.nslen = nslen;
         } else {
-            why = NULL;
-            if (klen > 4 && memcmp(k, "xml:", 4) == 0) why = ncname_error(k + 4, klen - 4, why_buf, sizeof why_buf);
+            if (plain) why = NULL;
+            else if (klen > 4 && memcmp(k, "xml:", 4) == 0) why = ncname_error(k + 4, klen - 4, why_buf, sizeof why_buf);
             else why = ncname_error(k, klen, why_buf, sizeof why_buf);
             if (why) {
                 push_quoted(L, k, klen);
@@ -487,22 +507,26 @@ static int put_attrs(Ser *S, int ai, const char *el) {
     return 0;
 }
 
-/* A lazy element (its metatable has __xmppsm_materialize) gets its children built first. */
+/* A lazy element (its metatable has __xmppsm_materialize) gets its children built first.
+ * Elements share one or two metatables (stanza.metatable), so the last one found plain is kept in
+ * SLOT_PLAINMT and is not searched again for every element. */
 static void materialize(lua_State *L, int ei) {
     if (!lua_getmetatable(L, ei)) return;
-    lua_pushvalue(L, SLOT_KMAT);
+    if (lua_rawequal(L, -1, SLOT_PLAINMT)) { lua_pop(L, 1); return; }
+    lua_pushvalue(L, UV_KMAT);
     if (lua_rawget(L, -2) == LUA_TFUNCTION) {
         lua_pushvalue(L, ei);
         lua_call(L, 1, 0);
         lua_pop(L, 1);
     } else {
-        lua_pop(L, 2);
+        lua_pop(L, 1);
+        lua_replace(L, SLOT_PLAINMT);
     }
 }
 
 static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const char *parent, lua_Integer pos) {
     lua_State *L = S->L;
-    int ei = lua_gettop(L), ai;
+    int ei = lua_gettop(L), ai, t;
     size_t namelen, i;
     const char *name, *why;
     int open = 0;
@@ -511,9 +535,8 @@ static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const ch
     luaL_checkstack(L, 12, "element nesting");
     materialize(L, ei);
     /* name */
-    lua_pushvalue(L, SLOT_KNAME);
-    lua_rawget(L, ei);
-    if (lua_type(L, -1) != LUA_TSTRING) {
+    lua_pushvalue(L, UV_KNAME);
+    if (lua_rawget(L, ei) != LUA_TSTRING) {
         if (parent) lua_pushfstring(L, "element name is a %s, not a string (child %I of <%s>)",
                                     type_name(L, -1), pos, parent);
         else lua_pushfstring(L, "element name is a %s, not a string", type_name(L, -1));
@@ -536,13 +559,13 @@ static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const ch
     out_add(&S->out, name, namelen);
 
     /* attributes; xmlns first, and only where it changes the namespace in scope */
-    lua_pushvalue(L, SLOT_KATTR);
-    lua_rawget(L, ei);
-    ai = lua_gettop(L);
-    if (lua_type(L, ai) == LUA_TTABLE) {
-        lua_pushvalue(L, SLOT_KXMLNS);
-        lua_rawget(L, ai);
-        if (lua_type(L, -1) == LUA_TSTRING) {
+    lua_pushvalue(L, UV_KATTR);
+    t = lua_rawget(L, ei);
+    ai = ei + 2; /* above the name */
+    if (t == LUA_TTABLE) {
+        lua_pushvalue(L, UV_KXMLNS);
+        t = lua_rawget(L, ai);
+        if (t == LUA_TSTRING) {
             size_t xlen;
             const char *x = lua_tolstring(L, -1, &xlen);
             if (xlen != nslen || memcmp(x, ns, xlen) != 0) {
@@ -554,19 +577,19 @@ static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const ch
                 ns = x; /* stays alive: it is on the stack until this element is done */
                 nslen = xlen;
             }
-        } else if (!lua_isnil(L, -1)) {
+        } else if (t != LUA_TNIL) {
             lua_pushfstring(L, "xmlns of <%s> is a %s, not a string", name, type_name(L, -1));
             return 1;
         }
         if (put_attrs(S, ai, name)) return 1;
-    } else if (!lua_isnil(L, ai)) {
+    } else if (t != LUA_TNIL) {
         lua_pushfstring(L, "attr of <%s> is a %s, not a table", name, type_name(L, ai));
         return 1;
     }
 
     /* children, in array order up to the first nil (as ipairs) */
     for (i = 1;; i++) {
-        int t = lua_rawgeti(L, ei, (lua_Integer)i);
+        t = lua_rawgeti(L, ei, (lua_Integer)i);
         if (t == LUA_TNIL) { lua_pop(L, 1); break; }
         if (!open) { out_lit(&S->out, ">"); open = 1; }
         if (t == LUA_TSTRING) {
@@ -609,7 +632,8 @@ static int ser_serialize(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     ns = luaL_optlstring(L, 2, DEFAULT_NS, &nslen);
     lua_settop(L, 2);
-    lua_pushnil(L);             /* SLOT_OUT: the buffer's userdata once it leaves the C stack */
+    lua_pushnil(L); /* SLOT_OUT: the buffer's userdata once it leaves the C stack */
+    lua_pushnil(L); /* SLOT_PLAINMT */
     ser_init(&S, L);
     lua_pushvalue(L, 1);
     if (ser_element(&S, 1, ns, nslen, NULL, 0)) {
@@ -647,15 +671,12 @@ static int ser_escape(lua_State *L) {
 }
 
 void xmppsm_open_serialize(lua_State *L) {
-    static const luaL_Reg funcs[] = {
-        {"escape", ser_escape},
-        {NULL, NULL},
-    };
-    luaL_setfuncs(L, funcs, 0);
-    lua_pushliteral(L, "name");  /* SLOT_KNAME */
-    lua_pushliteral(L, "attr");  /* SLOT_KATTR */
-    lua_pushliteral(L, "xmlns"); /* SLOT_KXMLNS */
-    lua_pushliteral(L, "__xmppsm_materialize"); /* SLOT_KMAT */
+    lua_pushliteral(L, "name");
+    lua_pushliteral(L, "attr");
+    lua_pushliteral(L, "xmlns");
+    lua_pushliteral(L, "__xmppsm_materialize");
     lua_pushcclosure(L, ser_serialize, 4);
     lua_setfield(L, -2, "serialize");
+    lua_pushcfunction(L, ser_escape);
+    lua_setfield(L, -2, "escape");
 }

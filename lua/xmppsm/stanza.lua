@@ -53,6 +53,11 @@ local compact_mt = { __name = "xmppsm.stanza", __xmppsm_stanza_mt = stanza_mt }
 -- Builder positions: element -> stack of open descendants, innermost last. Weak keys so a
 -- stanza that is dropped mid-build does not leak; an entry goes away when `up()` reaches the top.
 local cursors = setmetatable({}, { __mode = "k" })
+-- The last stack emptied by `up()`, reused by the next `tag()` at a top. A new stack for every
+-- `tag()` at the top left garbage in between the elements being built; without it, serializing
+-- stanzas that are no longer in the CPU caches is ~5% faster (bench "10000 x 1"), likely
+-- because elements built in a row then lie closer together in memory.
+local spare_cursor
 
 local function is_element(x)
   return type(x) == "table" and type(rawget(x, "name")) == "string"
@@ -148,7 +153,8 @@ function methods:tag(name, attr)
   append(current(self), child, 2)
   local c = cursors[self]
   if not c then
-    c = {}
+    c = spare_cursor or {}
+    spare_cursor = nil
     cursors[self] = c
   end
   c[#c + 1] = child
@@ -172,7 +178,10 @@ function methods:up()
   local c = cursors[self]
   if c then
     c[#c] = nil
-    if #c == 0 then cursors[self] = nil end
+    if #c == 0 then
+      cursors[self] = nil
+      spare_cursor = c
+    end
   end
   return self
 end

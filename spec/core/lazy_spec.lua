@@ -476,6 +476,20 @@ describe("xmppsm.core parser, lazy elements", function()
       .. "</message></message>", core.serialize(outer))
   end)
 
+  it("materializes every lazy element among plain ones, in any order", function()
+    -- The serializer remembers a metatable it found plain; lazy ones must still be seen.
+    local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
+    p:feed(HDR)
+    local src = "<message xmlns='jabber:client'><body>x</body></message>"
+    local lazy1, lazy2 = p:feed(src)[2], p:feed(src)[2]
+    local outer = stanza.message({ to = "b" }, "1"):add_child(lazy1)
+      :tag("p"):add_child(lazy2):up():text_tag("q", "2")
+    local before = core._materialized()
+    assert.equal("<message to='b'><body>1</body><message><body>x</body></message>"
+      .. "<p><message><body>x</body></message></p><q>2</q></message>", core.serialize(outer))
+    assert.equal(before + 2, core._materialized())
+  end)
+
   it("works without stanza_mt and after the parser is closed or collected", function()
     local p = core.parser { lazy = true }
     local ev = p:feed(HDR .. "<message><body>x</body></message>")

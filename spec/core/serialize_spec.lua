@@ -167,6 +167,27 @@ describe("core.serialize", function()
         end
       end
     end)
+
+    it("escapes text at every offset around the fast path, also several special bytes in a row", function()
+      -- The scan jumps to the first special byte of an 8-byte word; TAB and LF stop it too.
+      local specials = { "&", "<", ">", "\r", "\t", "\n", "é", "€", "😀", "\t&", "\né<", "&&", "a\tb>c" }
+      for pos = 1, 20 do
+        for _, special in ipairs(specials) do
+          local v = ("a"):rep(pos - 1) .. special .. ("b"):rep(20 - pos)
+          local out = text_of(serialize(el("x", {}, v)))
+          assert.equal(v, unescape(out))
+          assert.is_true(raw_free(out), out)
+        end
+      end
+    end)
+
+    it("finds a bad character right after a TAB at every offset", function()
+      for pos = 1, 12 do
+        local s, err = serialize(el("x", {}, ("a"):rep(pos - 1) .. "\t\1" .. ("b"):rep(10)))
+        assert.is_nil(s)
+        assert.equal(("invalid XML character U+0001 in text of <x> (byte %d)"):format(pos + 1), err)
+      end
+    end)
   end)
 
   describe("invalid UTF-8", function()
@@ -191,6 +212,8 @@ describe("core.serialize", function()
       { "\xF0\x9F\x98", "truncated sequence" },
       { "\xC3A", "truncated sequence" },
       { "\xE2\x82A", "truncated sequence" },
+      { "\xDF", "truncated sequence" },
+      { "\xC2\xC3\xA9", "truncated sequence" },
     }
     for _, case in ipairs(cases) do
       local bytes, why = case[1], case[2]
@@ -207,6 +230,13 @@ describe("core.serialize", function()
         assert.equal("invalid UTF-8 (" .. why .. ") in xmlns of <q> (byte 5)", err)
       end)
     end
+
+    it("accepts every two-byte sequence, U+0080 to U+07FF", function()
+      for cp = 0x80, 0x7FF do
+        local v = "a" .. utf8.char(cp) .. "bcdefghij"
+        assert.equal("<x>" .. v .. "</x>", serialize(el("x", {}, v)))
+      end
+    end)
 
     it("refuses invalid UTF-8 in names", function()
       local s, err = serialize(el("a\xC0\x80"))

@@ -62,6 +62,21 @@ describe("xmppsm.stanza", function()
       assert.equal("<a><b><c/></b><d/></a>", tostring(st))
     end)
 
+    it("keeps positions apart when one stanza's emptied stack is reused by another", function()
+      local a, b = stanza.stanza("a"), stanza.stanza("b")
+      a:tag("a1"):up()           -- a's stack is empty again
+      b:tag("b1")                -- and may now be b's
+      a:tag("a2"):tag("a3")
+      b:tag("b2"):up():up():tag("b3")
+      a:reset()                  -- a stack dropped while not empty is not reused
+      b:up():tag("b4"):text("t"):up()
+      a:tag("a4"):text("u")
+      assert.equal("<a><a1/><a2><a3/></a2><a4>u</a4></a>", tostring(a))
+      assert.equal("<b><b1><b2/></b1><b3/><b4>t</b4></b>", tostring(b))
+      assert.is_false(a:at_top())
+      assert.is_true(b:at_top())
+    end)
+
     it("keeps separate positions for separate stanzas", function()
       local a, b = stanza.stanza("a"), stanza.stanza("b")
       a:tag("a1")
