@@ -7,6 +7,8 @@
  * - the events (kinds, element tables, raw bytes, error conditions) do not depend on chunking,
  *   nor on the parser's mode: the reference run is eager, the chunked one lazy (its elements are
  *   materialized by the checks' first read of `tags`, half of them after the parser is closed);
+ * - before that, core.element_ns and core.lazy_child_text (get_child_text's lazy path) answer on
+ *   the lazy elements what the eager ones' tables say;
  * - element tables have the documented shape;
  * - raw bytes appear in the input in order with only whitespace between them, the header's at
  *   the start of its stream; what reset() returns is input, after a pause exactly what follows. */
@@ -63,6 +65,31 @@ static const char *driver =
     "  buf[#buf + 1] = \"</>\"\n"
     "end\n"
     "\n"
+    "-- What element_ns and get_child_text's lazy path answer, before anything is built; an eager\n"
+    "-- element (or one without children) is answered from its tables, so both runs must agree.\n"
+    "local PROBE_NAMES = { false, \"a\", \"b\", \"body\", \"x\" }\n"
+    "local function probe(e)\n"
+    "  local pns = core.element_ns(e)\n"
+    "  local buf = { \"ns=\" .. tostring(pns) }\n"
+    "  for _, name in ipairs(PROBE_NAMES) do\n"
+    "    for _, want in ipairs({ pns or false, \"urn:x\", false }) do\n"
+    "      local found, text = core.lazy_child_text(e, name or nil, want or nil, pns)\n"
+    "      if found == nil then\n"
+    "        found = false\n"
+    "        for _, c in ipairs(e.tags) do\n"
+    "          if (not name or c.name == name) and (c.attr.xmlns or pns) == (want or nil) then\n"
+    "            found, text = true, nil\n"
+    "            if #c.tags == 0 then text = table.concat(c) end\n"
+    "            break\n"
+    "          end\n"
+    "        end\n"
+    "      end\n"
+    "      buf[#buf + 1] = tostring(found) .. \":\" .. tostring(text)\n"
+    "    end\n"
+    "  end\n"
+    "  return table.concat(buf, \" \")\n"
+    "end\n"
+    "\n"
     "local states = { header = true, open = true, paused = true, closed = true, failed = true }\n"
     "\n"
     "-- Feeds data in pieces from next_size(), resetting after a pause as a client does.\n"
@@ -104,6 +131,7 @@ static const char *driver =
     "          dump(buf, b)\n"
     "          return table.concat(buf, \" \")\n"
     "        end\n"
+    "        if kind == \"stanza\" then out[#out + 1] = probe(a) end\n"
     "        if defer then later[#out + 1] = show; out[#out + 1] = false else out[#out + 1] = show() end\n"
     "      end\n"
     "    end\n"
