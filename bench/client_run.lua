@@ -3,8 +3,9 @@
 --   lua5.4 bench/client_run.lua            (from the repository root; `make bench` calls it)
 --
 -- Sections (BENCH_ONLY=e2e,resume,queue,scale picks some; all by default):
---   e2e     20,000 messages through Prosody with stream management: xmppsm, xmpp.js 0.14, and
---           a bare Lua floor without an XML parser, to itself and to a second account;
+--   e2e     20,000 messages through Prosody with stream management: xmppsm (its defaults, and
+--           without a store, in memory as the peers), xmpp.js 0.14, and a bare Lua floor
+--           without an XML parser, to itself and to a second account;
 --   resume  20 cuts by the fault proxy: cut noticed -> resumed, cut -> first re-sent stanza
 --           acknowledged; xmppsm and xmpp.js (reconnect delay 0, and its default 1 s);
 --   queue   memory per unacknowledged stanza, one <a/> for 100,000, re-sending 100,000 after a
@@ -13,7 +14,7 @@
 -- Environment: BENCH_QUICK=1 (a short run: fewer messages, rounds, cuts, seconds),
 -- BENCH_MESSAGES, BENCH_ROUNDS, BENCH_WINDOW, BENCH_CUTS, BENCH_SCALE_SECONDS,
 -- BENCH_SCALE_SESSIONS (e.g. "10,100,1000"), BENCH_CALLGRIND=0 (skip instruction counts),
--- BENCH_IMPLS (e.g. "xmppsm,floor": which clients the e2e section runs), BENCH_OUT (also
+-- BENCH_IMPLS (e.g. "xmppsm,xmppsm_mem,floor": which clients the e2e section runs), BENCH_OUT (also
 -- write the table to this file).
 -- Timings are printed, never asserted: a noisy machine makes figures move, ratios less so.
 package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;bench/?.lua;" .. package.path
@@ -146,6 +147,15 @@ local function e2e()
         for _, w in ipairs(args(to, { "dir=" .. d })) do argv[#argv + 1] = w end
         return run_child(argv)
       end },
+    -- Like for like: the peers keep their queue in memory only, so this run has no store
+    -- (our default journals every stanza to disk before sending it).
+    { "xmppsm_mem", function(to, round)
+        local d = dir .. "/m" .. round .. to
+        os.execute("mkdir -p " .. process.quote(d))
+        local argv = { "lua5.4", "bench/e2e/xmppsm_client.lua" }
+        for _, w in ipairs(args(to, { "dir=" .. d, "store=none" })) do argv[#argv + 1] = w end
+        return run_child(argv)
+      end },
     { "floor", function(to)
         local argv = { "lua5.4", "bench/e2e/floor_client.lua" }
         for _, w in ipairs(args(to)) do argv[#argv + 1] = w end
@@ -185,6 +195,7 @@ local function e2e()
   if cfg.callgrind and process.run("command -v valgrind >/dev/null") then
     out.instructions = {}
     local programs = { { "xmppsm", "bench/e2e/xmppsm_client.lua" },
+                       { "xmppsm_mem", "bench/e2e/xmppsm_client.lua", "store=none" },
                        { "floor", "bench/e2e/floor_client.lua" } }
     for _, impl in ipairs(programs) do
       local counts = {}
@@ -200,6 +211,7 @@ local function e2e()
         argv[#argv + 1] = "to=self"
         argv[#argv + 1] = "latencies=0"
         argv[#argv + 1] = "dir=" .. d
+        if impl[3] then argv[#argv + 1] = impl[3] end
         io.stderr:write("bench: callgrind " .. impl[1] .. " n=" .. n .. "\n")
         if run_child(argv) then
           local text = process.read_file(file) or ""
