@@ -122,6 +122,13 @@ local function object_of(raw, obj)
   return stanza.parse(raw)
 end
 
+-- The number just before the oldest item `q` holds (ack and clear hand out items base + 1,
+-- base + 2, ...): counted back from the last pushed, which holds even after clear() dropped
+-- items that an ack then skips.
+local function seq_base(q)
+  return (q:pushed() - q:count()) & 0xFFFFFFFF
+end
+
 -- Takes the outcome callback of the queue item numbered `seq` (nil when it has none).
 function SM:_take_callback(seq)
   local cb = self.callbacks[seq]
@@ -180,7 +187,7 @@ function SM:_handle_h(h_text, where)
     self.client.events:fire("error", xmperror.new("sm", "bad-ack", "malformed h in " .. where))
     return true
   end
-  local base = self.queue:acked()
+  local base = seq_base(self.queue)
   local items, n = self.queue:ack(h)
   if not items then
     local text = string.format("the server acknowledged %d stanzas but only %d were sent",
@@ -375,7 +382,7 @@ function SM:_session_lost(err)
   self.session = nil
   self.inbound, self.inbound_dirty = 0, false
   self.client.iq:fail_all(xmperror.new("iq", "session-lost", "the session was lost before the reply"))
-  local base = self.queue:acked()
+  local base = seq_base(self.queue)
   local items, n = self.queue:clear()
   self.queue:set_counter(0)
   local resend = {}
@@ -537,7 +544,7 @@ function SM:client_stopped(err)
   self:disconnected()
   local reason = err or xmperror.new("sm", "closed",
                                      "the client was closed before the server acknowledged it")
-  local base = self.queue:acked()
+  local base = seq_base(self.queue)
   local items, n = self.queue:clear()
   for i = 1, n do
     self:_failed(items[3 * i - 2], items[3 * i - 1], reason, self:_take_callback((base + i) & 0xFFFFFFFF))

@@ -6,8 +6,10 @@
 --      tags = { <child elements, in order> },
 --      [1] = <child element or text string>, [2] = ..., }
 --
--- Built and parsed elements have the same shape; the parser gives its elements
--- `stanza.metatable` (its `stanza_mt` option), so every method here works on them, `:tag()` too.
+-- Built and parsed elements have the same shape and, once used, `stanza.metatable` (the
+-- parser's `stanza_mt` option), so every method here works on them, `:tag()` too. Until then
+-- lazy and compact elements (below) have metatables of their own: test with `is_stanza`, not by
+-- comparing metatables.
 -- A parsed stanza may come *lazy* (docs/core.md, "Lazy elements"): `name` is there, `attr` is
 -- built on first read, its children on first other use by its metatable, which then becomes
 -- `stanza.metatable`.
@@ -132,7 +134,8 @@ function stanza.stanza(name, attr)
   return new_element(name, attr, 2)
 end
 
---- Whether `x` is a stanza (has `stanza.metatable`).
+--- Whether `x` is a stanza: has `stanza.metatable`, or is a parser's lazy stanza or a compact
+-- element of `message()` (both switch to `stanza.metatable` on first use).
 -- @param x any value
 -- @treturn boolean
 function stanza.is_stanza(x)

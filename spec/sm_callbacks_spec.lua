@@ -1,0 +1,51 @@
+-- Outcome callbacks are kept per send by the queue item's sequence number: these drive the SM
+-- object directly (a stand-in client, no server) through queue states a server cannot produce.
+local sm = require "xmppsm.sm"
+local stanza = require "xmppsm.stanza"
+
+describe("stream management callbacks, by sequence number", function()
+  local function new_sm()
+    local client = {
+      state = "online", bare_jid = "a@b",
+      events = { handlers = {}, fire = function() end },
+      conn = { send_raw = function() end, abort = function() end },
+      iq = { fail_all = function() end },
+      _handler_error = function(_, _, err) error(err) end, _log = function() end,
+    }
+    local s = sm.new(client, { store = false }, nil)
+    s.enabled, s.r_outstanding = true, true -- no <r/> timers: acks come when the spec says
+    return s
+  end
+
+  it("match the items an ack releases after clear() dropped older ones", function()
+    local s = new_sm()
+    s.queue:set_counter(0)
+    s:send(stanza.message({}, "a")) -- seq 1, 2: no callbacks, then dropped by clear()
+    s:send(stanza.message({}, "b"))
+    s.queue:clear()
+    local got = {}
+    for _, body in ipairs { "c", "d" } do -- seq 3, 4
+      s:send(stanza.message({}, body), function(ok, _, st)
+        got[#got + 1] = { ok, st:get_child_text("body") }
+      end)
+    end
+    assert.is_true(s:_handle_h("4", "<a/>"))
+    assert.same({ { true, "c" }, { true, "d" } }, got)
+    assert.is_nil(next(s.callbacks))
+    assert.is_nil(next(s.held))
+  end)
+
+  it("wrap around 2^32 with the counters", function()
+    local s = new_sm()
+    s.queue:set_counter(4294967294)
+    local got = {}
+    for i = 1, 4 do -- seq 4294967295, 0, 1, 2
+      s:send(stanza.message({}, "m" .. i), function(ok) got[#got + 1] = ok and i end)
+    end
+    assert.is_true(s:_handle_h("0", "<a/>"))
+    assert.same({ 1, 2 }, got)
+    assert.is_true(s:_handle_h("2", "<a/>"))
+    assert.same({ 1, 2, 3, 4 }, got)
+    assert.is_nil(next(s.callbacks))
+  end)
+end)
