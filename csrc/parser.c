@@ -714,18 +714,23 @@ typedef struct {
     int differs;
 } name_t;
 
-/* REC_OPEN after the child counts: reads the name of the element at `depth` and notes its
- * namespace for its children. Returns the record's attributes. */
-static const char *read_name(build_t *b, const char *r, int depth, name_t *e) {
-    level_t *lv = b->lv;
-    const char *name, *sep, *pns;
-    size_t nlen, pnslen;
-    r = get_str(r, &name, &nlen);
-    sep = memchr(name, '\1', nlen);
+/* Splits a recorded name into namespace and local name (`differs` is left to the caller). */
+static void split_name(const char *name, size_t nlen, name_t *e) {
+    const char *sep = memchr(name, '\1', nlen);
     e->ns = name;
     e->local = sep ? sep + 1 : name;
     e->nslen = sep ? (size_t)(sep - name) : 0;
     e->locallen = nlen - (size_t)(e->local - name);
+}
+
+/* REC_OPEN after the child counts: reads the name of the element at `depth` and notes its
+ * namespace for its children. Returns the record's attributes. */
+static const char *read_name(build_t *b, const char *r, int depth, name_t *e) {
+    level_t *lv = b->lv;
+    const char *name, *pns;
+    size_t nlen, pnslen;
+    r = get_str(r, &name, &nlen);
+    split_name(name, nlen, e);
     pns = depth == 0 ? b->root_ns : lv[depth - 1].ns;
     pnslen = depth == 0 ? b->root_ns_len : lv[depth - 1].nslen;
     e->differs = e->nslen != pnslen || memcmp(name, pns, e->nslen) != 0;
@@ -1090,8 +1095,9 @@ static int l_lazy_child_text(lua_State *L) {
     snslen = z.e.nslen;
     while (r < end) {
         uint32_t nchild, ntag;
-        const char *name, *sep, *local, *eff;
-        size_t nlen, nslen, eff_len;
+        const char *name, *eff;
+        size_t nlen, eff_len;
+        name_t child;
         switch (*r++) {
         case REC_TEXT:
             r = get_str(r, &name, &nlen);
@@ -1105,16 +1111,14 @@ static int l_lazy_child_text(lua_State *L) {
             r = get_str(r, &name, &nlen);
             r = skip_attrs(r);
             if (depth++ != 0) break;
-            sep = memchr(name, '\1', nlen);
-            local = sep ? sep + 1 : name;
-            nslen = sep ? (size_t)(sep - name) : 0;
-            if (want_name != NULL && (nlen - (size_t)(local - name) != want_name_len ||
-                                      memcmp(local, want_name, want_name_len) != 0))
+            split_name(name, nlen, &child);
+            if (want_name != NULL && (child.locallen != want_name_len ||
+                                      memcmp(child.local, want_name, want_name_len) != 0))
                 break;
             /* attr.xmlns is set when the child's namespace differs from the stanza's */
-            if (nslen != snslen || memcmp(name, sns, nslen) != 0) {
+            if (child.nslen != snslen || memcmp(name, sns, child.nslen) != 0) {
                 eff = name;
-                eff_len = nslen;
+                eff_len = child.nslen;
             } else {
                 eff = pns;
                 eff_len = pns_len;

@@ -195,7 +195,6 @@ function Client:_attempt()
   conn = connection.new(self.opts, {
     on_element = function(el, raw) self:_on_element(conn, el, raw) end,
     on_end = function(err) self:_on_end(conn, err) end,
-    -- Checked here, once per write and per element, so traffic nobody logs costs no call.
     raw_in = function(bytes) if self.events.handlers.rawIn then self:_raw("rawIn", bytes) end end,
     raw_out = function(bytes) if self.events.handlers.rawOut then self:_raw("rawOut", bytes) end end,
   })
@@ -218,8 +217,8 @@ function Client:_attempt()
   end)
 end
 
+-- Fires rawIn/rawOut. Its callers test for a listener first, so traffic nobody logs costs no call.
 function Client:_raw(event, bytes)
-  if not self.events.handlers[event] then return end   -- events:has(event), for every stanza
   if event == "rawIn" and self.redact_in then bytes = "<!-- SASL payload hidden -->" end
   self.events:fire(event, bytes)
 end
@@ -351,8 +350,7 @@ function Client:_incoming(el)
   end
   self:_dispatch(el, name)
   -- Counted once handled, so a crash mid-handler gets the stanza again after resumption.
-  local sm_ = self.sm
-  if sm_ then sm_:count_inbound() end
+  if self.sm then self.sm:count_inbound() end
 end
 
 function Client:_dispatch(el, name)

@@ -140,6 +140,7 @@ end
 -- @treturn boolean
 function stanza.is_stanza(x)
   local mt = getmetatable(x)
+  -- compact_mt is also found by the last test; named first because every send() asks
   return mt == stanza_mt or mt == compact_mt
     or (type(mt) == "table" and rawget(mt, "__xmppsm_stanza_mt") == stanza_mt)
 end
@@ -457,14 +458,7 @@ compact_mt.__tostring = stanza_mt.__tostring
 
 function compact_mt.__index(el, k)
   if rawget(el, "attr") == nil then rawset(el, "attr", {}) end
-  if rawget(el, "tags") == nil then
-    local tags = {}
-    for i = 1, rawlen(el) do
-      local c = rawget(el, i)
-      if type(c) == "table" then tags[#tags + 1] = c end
-    end
-    rawset(el, "tags", tags)
-  end
+  tags_of(el)
   setmetatable(el, stanza_mt)
   return el[k]
 end
