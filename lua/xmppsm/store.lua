@@ -16,9 +16,13 @@
 -- version), then records, each `<I4 length><B type><I4 CRC-32 of those 5 bytes>`, the payload,
 -- and `<I4 CRC-32 of the payload>`. The first record is a full snapshot; each mutation appends
 -- one small record, so `queued()` costs O(1) whatever the queue's length. When the journal grows
--- past twice the live state plus 64 KiB it is compacted: a snapshot is written to `path.tmp` and
--- renamed over the journal. The lock is taken on `path.lock` (see `store.file`); an empty
--- `path.lock` stays behind after `close()`, on purpose.
+-- past twice the live state plus `compact_slack` bytes (an option of `store.file`, default 1 MiB)
+-- it is compacted: a snapshot is written to `path.tmp` and renamed over the journal. The slack
+-- bounds the file's size (at most twice the state plus the slack and one record) and sets how
+-- rarely the whole state is rewritten: with 1,000 stanzas of 150 bytes unacknowledged, once every
+-- ~7,000 records rather than every ~1,300 with 64 KiB (each rewrite writes and, in modes
+-- `"write"` and `"fsync"`, fsyncs the whole state). The lock is taken on `path.lock` (see
+-- `store.file`); an empty `path.lock` stays behind after `close()`, on purpose.
 --
 -- **Durability** (`opts.durability` of `store.file`), what a mutation guarantees when it returns:
 --
@@ -74,7 +78,9 @@ local REC_HEAD = 9      -- length, type, header CRC
 local REC_OVERHEAD = 13 -- REC_HEAD and the payload CRC
 local MAX_PAYLOAD = 0xFFFFFFFF
 local ITEM_OVERHEAD = 12 -- "<ds4" of a snapshot item, besides the raw bytes
-local COMPACT_SLACK = 65536
+local DEFAULT_COMPACT_SLACK = 1048576
+local RETRY_COMPACT_AFTER = 65536 -- bytes appended before a failed compaction is tried again
+local BUFFER_SIZE = 65536         -- stdio buffer of a snapshot being written, and of mode "none"
 local MAX_H = 0xFFFFFFFF
 
 local T_SNAPSHOT, T_ENABLED, T_RESUMED, T_ENDED, T_QUEUED, T_ACKED, T_INBOUND = 1, 2, 3, 4, 5, 6, 7
@@ -557,7 +563,7 @@ function FileStore:_rewrite()
   local payload = encode_snapshot(self)
   local f, err = open_file(self.tmp_path, "w", PERM_FILE)
   if not f then return nil, "xmppsm.store: " .. err end
-  f:setvbuf("full", COMPACT_SLACK)
+  f:setvbuf("full", BUFFER_SIZE)
   local ok
   ok, err = f:write(HEADER)
   if ok then ok, err = write_record(f, T_SNAPSHOT, check_payload(payload)) end
@@ -626,17 +632,17 @@ function FileStore:queued(raw, stamp)
   self.raws[t], self.stamps[t] = raw, stamp
   local items_bytes = self.items_bytes + n + ITEM_OVERHEAD
   self.items_bytes = items_bytes
-  if self.journal_bytes > 2 * (items_bytes + 256) + COMPACT_SLACK then self:_maybe_compact() end
+  if self.journal_bytes > 2 * (items_bytes + 256) + self.compact_slack then self:_maybe_compact() end
   return true
 end
 
 -- Compacts once the journal outgrew the state it holds.
 function FileStore:_maybe_compact()
   local size = self.journal_bytes
-  if size > 2 * (self.items_bytes + 256) + COMPACT_SLACK and size >= self.compact_floor then
+  if size > 2 * (self.items_bytes + 256) + self.compact_slack and size >= self.compact_floor then
     -- The record is in the journal already, so a failed compaction does not fail the call;
     -- it is tried again after another 64 KiB rather than on every call.
-    if not self:_rewrite() then self.compact_floor = size + COMPACT_SLACK end
+    if not self:_rewrite() then self.compact_floor = size + RETRY_COMPACT_AFTER end
   end
 end
 
@@ -709,7 +715,7 @@ function FileStore:load()
     local jerr
     f, jerr = open_file(self.path, "a")
     if not f then return nil, "xmppsm.store: " .. jerr end
-    if self.durability == "none" then f:setvbuf("full", COMPACT_SLACK) end
+    if self.durability == "none" then f:setvbuf("full", BUFFER_SIZE) end
     self.journal, self.journal_bytes = f, #data
   else
     -- No file yet, a torn tail to cut off, or a damaged file moved aside: a fresh journal,
@@ -768,7 +774,9 @@ end
 -- removed either: a process that has opened it but not yet locked it would then lock an
 -- unlinked file while a third one creates and locks a new one.
 -- @tparam string path the journal's path (see `default_path`)
--- @tparam[opt] table opts `durability`: `"write"` (default), `"fsync"` or `"none"` (see above)
+-- @tparam[opt] table opts `durability`: `"write"` (default), `"fsync"` or `"none"` (see above);
+-- `compact_slack`: bytes the journal may grow past twice its live state before it is compacted
+-- (an integer >= 0, default 1 MiB; see above)
 -- @return a store, or nil and an error message (the path is in use, a directory cannot be made...)
 function store.file(path, opts)
   if type(path) ~= "string" or path == "" or path:sub(-1) == "/" then
@@ -778,11 +786,17 @@ function store.file(path, opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("xmppsm.store.file: opts must be a table", 2) end
   for k in pairs(opts) do
-    if k ~= "durability" then error("xmppsm.store.file: unknown option " .. tostring(k), 2) end
+    if k ~= "durability" and k ~= "compact_slack" then
+      error("xmppsm.store.file: unknown option " .. tostring(k), 2)
+    end
   end
   local durability = opts.durability or "write"
   if not DURABILITY[durability] then
     error("xmppsm.store.file: durability must be \"fsync\", \"write\" or \"none\"", 2)
+  end
+  local slack = opts.compact_slack or DEFAULT_COMPACT_SLACK
+  if mtype(slack) ~= "integer" or slack < 0 then
+    error("xmppsm.store.file: compact_slack must be an integer >= 0 (bytes)", 2)
   end
 
   local dir = dirname(path)
@@ -805,6 +819,7 @@ function store.file(path, opts)
 
   local self = setmetatable({
     path = path, dir = dir, tmp_path = path .. ".tmp", durability = durability,
+    compact_slack = slack,
     lockf = lockf, journal = nil, journal_bytes = 0, compact_floor = 0, compactions = 0,
     loaded = false, closed = false, broken = nil, sp = {},
     append_only = true,    -- mutations take the fast path of Store:acked and friends

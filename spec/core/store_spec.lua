@@ -580,7 +580,7 @@ describe("xmppsm.store", function()
     end)
 
     it("holds across compactions, which replace the journal file", function()
-      local a = open(path)
+      local a = open(path, { compact_slack = 65536 })
       for i = 1, 400 do assert(a:queued(string.rep("c", 300), i)) end
       local big = size(path)
       assert(a:acked(400, 400))
@@ -619,7 +619,7 @@ describe("xmppsm.store", function()
 
   describe("compaction", function()
     it("shrinks the journal when acknowledgements release most of it, keeping the state", function()
-      local s = open(path)
+      local s = open(path, { compact_slack = 65536 })
       assert(s:enabled(session(1)))
       for i = 1, 1000 do assert(s:queued(string.rep("p", 200) .. i, i)) end
       local big = size(path)
@@ -638,7 +638,7 @@ describe("xmppsm.store", function()
     end)
 
     it("bounds a journal of counter updates", function()
-      local s = open(path)
+      local s = open(path, { compact_slack = 65536 })
       for h = 1, 20000 do assert(s:inbound(h)) end
       -- without compaction: 17 bytes per update, 340000 bytes
       assert.is_true(size(path) < 2 * 65536 + 1000, "journal of " .. size(path) .. " bytes")
@@ -646,8 +646,35 @@ describe("xmppsm.store", function()
       assert.equal(20000, reload(path).inbound)
     end)
 
+    -- The rule: compacted by the append that takes the journal past 2 x (live bytes + 256) +
+    -- compact_slack. With no items the live bytes are 0; a counter record is 17 bytes.
+    local function compaction_edge(opts, slack)
+      local s = open(path, opts)
+      local start = size(path)
+      local limit = 2 * 256 + slack
+      local last = (limit - start) // 17   -- the last update that keeps the journal <= limit
+      for h = 1, last do assert(s:inbound(h)) end
+      assert.equal(start + 17 * last, size(path))   -- at the limit or just below: not compacted
+      assert.is_true(size(path) <= limit)
+      assert(s:inbound(last + 1))                    -- one more passes it: compacted
+      assert.is_true(size(path) < start + 17, "journal of " .. size(path) .. " bytes")
+      s:close()
+      assert.equal(last + 1, reload(path).inbound)
+    end
+
+    it("compacts at the edge of the default slack, 1 MiB", function()
+      compaction_edge(nil, 1048576)
+    end)
+
+    it("compacts at the edge of a given compact_slack, including 0", function()
+      compaction_edge({ compact_slack = 5000 }, 5000)
+      os.remove(path)
+      compaction_edge({ compact_slack = 0 }, 0)
+    end)
+
     it("does not compact while the journal is mostly live state", function()
-      local s = open(path)
+      -- No slack at all: what keeps it from compacting is the factor 2 alone.
+      local s = open(path, { compact_slack = 0 })
       local sizes = {}
       for i = 1, 2000 do
         assert(s:queued(string.rep("q", 100), i))
@@ -680,6 +707,10 @@ describe("xmppsm.store", function()
     it("rejects an unknown mode or option", function()
       assert.has_error(function() store.file(path, { durability = "sometimes" }) end)
       assert.has_error(function() store.file(path, { durabilty = "none" }) end)
+      for _, bad in ipairs { -1, 1.5, "1", true } do
+        assert.has_error(function() store.file(path, { compact_slack = bad }) end,
+                         "xmppsm.store.file: compact_slack must be an integer >= 0 (bytes)")
+      end
     end)
   end)
 

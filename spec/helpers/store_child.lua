@@ -73,7 +73,8 @@ local function main(mode, target)
     io.read("a")
     f:close()
   elseif mode == "append" then
-    local s = assert(store.file(target, { durability = "write" }))
+    -- A small slack: the journal compacts every few dozen steps, so kills land in compactions too.
+    local s = assert(store.file(target, { durability = "write", compact_slack = 4096 }))
     assert(s:load())
     local model = M.empty()
     local deadline = core.monotime() + 60
