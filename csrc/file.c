@@ -212,6 +212,9 @@ static const unsigned char *record_part(lua_State *L, int idx, unsigned char *nu
     return (const unsigned char *)luaL_checklstring(L, idx, len);
 }
 
+/* Records up to this size are assembled on the stack and handed to stdio in one piece. */
+#define RECORD_BUFFER 2048
+
 /* core.write_record(file, rtype, a [, b [, flush]]) -> true | nil, err, errno
  * Writes one record of xmppsm.store's journal (format in lua/xmppsm/store.lua): the payload
  * length (u32 LE), rtype (u8) and their CRC-32, the payload a .. b, and its CRC-32; through the
@@ -221,7 +224,19 @@ static const unsigned char *record_part(lua_State *L, int idx, unsigned char *nu
  * separate flush call. */
 static int file_write_record(lua_State *L) {
     const uint32_t *table = (const uint32_t *)lua_touserdata(L, lua_upvalueindex(1));
-    FILE *f = check_stream(L, 1);
+    FILE *f = NULL;
+    /* The file handles' metatable, kept as upvalue 2 when `io` was loaded before us, spares
+     * luaL_checkudata's registry lookup by name on every record; anything else takes it. */
+    if (lua_getmetatable(L, 1)) {
+        if (lua_rawequal(L, -1, lua_upvalueindex(2))) {
+            luaL_Stream *p = (luaL_Stream *)lua_touserdata(L, 1);
+            if (p->closef != NULL && p->f != NULL)
+                f = p->f;
+        }
+        lua_pop(L, 1);
+    }
+    if (f == NULL)
+        f = check_stream(L, 1);
     lua_Integer rtype = luaL_checkinteger(L, 2);
     size_t alen, blen = 0;
     unsigned char num[8];
@@ -238,9 +253,21 @@ static int file_write_record(lua_State *L) {
     put_le32(head + 5, crc32_update(table, 0xFFFFFFFFu, head, 5) ^ 0xFFFFFFFFu);
     put_le32(tail, crc32_update(table, crc32_update(table, 0xFFFFFFFFu, a, alen), b, blen) ^ 0xFFFFFFFFu);
     errno = 0;
-    if (fwrite(head, 1, sizeof head, f) != sizeof head || fwrite(a, 1, alen, f) != alen ||
-        fwrite(b, 1, blen, f) != blen || fwrite(tail, 1, sizeof tail, f) != sizeof tail ||
-        (flush && fflush(f) != 0))
+    size_t total = sizeof head + alen + blen + sizeof tail;
+    int ok;
+    if (total <= RECORD_BUFFER) {
+        /* Most records (a stanza sent): one fwrite instead of four, each taking stdio's lock. */
+        unsigned char buf[RECORD_BUFFER];
+        memcpy(buf, head, sizeof head);
+        memcpy(buf + sizeof head, a, alen);
+        memcpy(buf + sizeof head + alen, b, blen);
+        memcpy(buf + sizeof head + alen + blen, tail, sizeof tail);
+        ok = fwrite(buf, 1, total, f) == total;
+    } else {
+        ok = fwrite(head, 1, sizeof head, f) == sizeof head && fwrite(a, 1, alen, f) == alen &&
+             fwrite(b, 1, blen, f) == blen && fwrite(tail, 1, sizeof tail, f) == sizeof tail;
+    }
+    if (!ok || (flush && fflush(f) != 0))
         return push_errno(L, "write", "record", errno ? errno : EIO);
     lua_pushboolean(L, 1);
     return 1;
@@ -296,6 +323,7 @@ void xmppsm_open_file(lua_State *L) {
     lua_pushvalue(L, -1);
     lua_pushcclosure(L, file_crc32, 1);
     lua_setfield(L, -3, "crc32");
-    lua_pushcclosure(L, file_write_record, 1);
+    luaL_getmetatable(L, LUA_FILEHANDLE); /* nil when io is not loaded: then never equal */
+    lua_pushcclosure(L, file_write_record, 2);
     lua_setfield(L, -2, "write_record");
 }

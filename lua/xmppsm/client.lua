@@ -227,7 +227,7 @@ function Client:_on_element(conn, el, raw)
   if conn ~= self.conn then return end
   if self.events.handlers.rawIn then self:_raw("rawIn", raw) end
   if self.neg then return self.neg:deliver(el) end
-  self:_incoming(el)
+  return self:_incoming(el)
 end
 
 function Client:_on_end(conn, err)
@@ -348,26 +348,22 @@ function Client:_incoming(el)
     self:_log("debug", "ignored top-level <" .. name .. "/> in " .. tostring(xmlns))
     return
   end
-  self:_dispatch(el, name)
-  -- Counted once handled, so a crash mid-handler gets the stanza again after resumption.
-  if self.sm then self.sm:count_inbound() end
-end
-
-function Client:_dispatch(el, name)
+  -- Dispatched here rather than in a function of its own: this runs for every stanza received.
   local ev = self.events
-  if ev.handlers.stanza and ev:fire("stanza", el) ~= nil then return end
-  if name == "message" then
-    ev:fire("message", el)
-  elseif name == "presence" then
-    ev:fire("presence", el)
-  else
-    if self.iq:incoming(el) then return end
-    if self.events:fire("iq", el) ~= nil then return end
-    local kind = el.attr.type
-    if kind == "get" or kind == "set" then
-      self:send(stanza.error_reply(el, "cancel", "service-unavailable"))
+  if not (ev.handlers.stanza and ev:fire("stanza", el) ~= nil) then
+    if name == "message" then
+      ev:fire("message", el)
+    elseif name == "presence" then
+      ev:fire("presence", el)
+    elseif not self.iq:incoming(el) and ev:fire("iq", el) == nil then
+      local kind = el.attr.type
+      if kind == "get" or kind == "set" then
+        self:send(stanza.error_reply(el, "cancel", "service-unavailable"))
+      end
     end
   end
+  -- Counted once handled, so a crash mid-handler gets the stanza again after resumption.
+  if self.sm then self.sm:count_inbound() end
 end
 
 -- Sending -----------------------------------------------------------------------------------------

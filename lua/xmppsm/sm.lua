@@ -152,12 +152,10 @@ function SM:_acked(items, n, base)
     local seq = (base + i) & 0xFFFFFFFF
     local cb = callbacks[seq]
     if cb then callbacks[seq], held[seq] = nil, nil end
-    stats.acked = stats.acked + 1
+    stats.acked = stats.acked + 1   -- per item: a callback below may read sm_state()
     local st = obj
-    if listeners.ackedStanza or listeners.ack or cb then
-      st = object_of(raw, obj)
-      if listeners.ackedStanza then events:fire("ackedStanza", st) end
-    end
+    if not st and (listeners.ackedStanza or listeners.ack or cb) then st = object_of(raw) end
+    if listeners.ackedStanza then events:fire("ackedStanza", st) end
     if listeners.ackedRaw then events:fire("ackedRaw", raw) end
     if listeners.ack then events:fire("ack", st) end
     if cb then

@@ -67,6 +67,7 @@ local mtype, tointeger = math.type, math.tointeger
 local concat = table.concat
 local fsync, fsync_dir, open_file = core.fsync, core.fsync_dir, core.open_file
 local iotype = io.type
+local type = type -- an upvalue, not a global lookup: queued() tests its arguments per stanza
 
 -- "\137" and the CR LF, SUB, LF bytes catch text-mode and 7-bit mangling (the PNG trick).
 local MAGIC = "\137XSM\r\n\26\n"

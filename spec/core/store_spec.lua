@@ -114,8 +114,35 @@ describe("core file functions", function()
     assert.has_error(function() core.write_record(io.stdout, 256, "x") end) -- type out of range
     assert.has_error(function() core.write_record(io.stdout, -1, "x") end)
     assert.has_error(function() core.write_record("file", 1, "x") end)
+    assert.has_error(function() core.write_record(core.parser(), 1, "x") end) -- another userdata
     assert.has_error(function() core.write_record(io.stdout, 1, nil) end)
     os.remove(path)
+  end)
+
+  it("write_record writes records on both sides of its 2048-byte stack buffer alike", function()
+    -- 9 bytes of head and 4 of payload CRC: payloads up to 2035 bytes take the buffer
+    local path = os.tmpname()
+    local f = assert(io.open(path, "wb"))
+    local payloads = {}
+    for _, n in ipairs { 2034, 2035, 2036, 5000 } do
+      local a, b = string.rep("a", n // 3), string.rep("b", n - n // 3)
+      assert.is_true(core.write_record(f, 5, a, b))
+      payloads[#payloads + 1] = a .. b
+    end
+    f:close()
+    local got = assert(io.open(path, "rb")):read("a")
+    os.remove(path)
+    local pos = 1
+    for _, payload in ipairs(payloads) do
+      local len, rtype, hcrc = string.unpack("<I4BI4", got, pos)
+      assert.equal(#payload, len)
+      assert.equal(5, rtype)
+      assert.equal(core.crc32(got, pos, pos + 4), hcrc)
+      assert.equal(payload, got:sub(pos + 9, pos + 8 + len))
+      assert.equal(core.crc32(payload), (string.unpack("<I4", got, pos + 9 + len)))
+      pos = pos + 13 + len
+    end
+    assert.equal(#got + 1, pos)
   end)
 
   it("write_record packs a number part as \"<d\" and flushes when asked", function()
