@@ -1073,22 +1073,39 @@ static int l_element_ns(lua_State *L) {
     return 1;
 }
 
-/* found, text = core.lazy_child_text(el, name, want, pns)
+/* found, text = core.lazy_child_text(el, name, want [, pns])
  * For a lazy element, without building anything: the first child element named `name` (any
  * name when nil) whose `attr.xmlns or pns` equals `want` (both may be nil), as get_child
  * matches; found is false when there is none, else text is what get_text would return (the
  * text, "" for none, nil when the child has element children). Returns nothing when `el` is
- * not a lazy element, so the caller takes the general path. */
+ * not a lazy element, so the caller takes the general path.
+ * Without a fourth argument, pns is el's own attr.xmlns (what core.element_ns says) and a nil
+ * `want` means pns: get_child_text(name, xmlns) in one call. */
 static int l_lazy_child_text(lua_State *L) {
     const char *r, *end, *want_name, *want, *pns, *sns;
     size_t want_name_len = 0, want_len = 0, pns_len = 0, snslen;
     lazy_t z;
-    int depth = 0;
+    int depth = 0, own_ns = lua_isnone(L, 4);
     luaL_checktype(L, 1, LUA_TTABLE);
     want_name = luaL_optlstring(L, 2, NULL, &want_name_len);
     want = luaL_optlstring(L, 3, NULL, &want_len);
     pns = luaL_optlstring(L, 4, NULL, &pns_len);
+    lua_settop(L, 4);
     if (!lazy_data(L, 1, &z)) return 0; /* its block stays on the stack while it is read */
+    if (own_ns) {
+        lua_pushliteral(L, "attr");
+        if (lua_rawget(L, 1) == LUA_TTABLE) { /* built, maybe changed: it says (element_ns) */
+            lua_getfield(L, -1, "xmlns");
+            pns = lua_tolstring(L, -1, &pns_len); /* NULL unless a string; stays on the stack */
+        } else if (z.e.differs) {
+            pns = z.e.ns;
+            pns_len = z.e.nslen;
+        }
+        if (want == NULL) {
+            want = pns;
+            want_len = pns_len;
+        }
+    }
     r = skip_attrs(z.attrs);             /* its children, through its own REC_CLOSE */
     end = z.end;
     sns = z.e.ns;

@@ -68,6 +68,7 @@ function client.new(opts)
     outbox = {},           -- stanzas sent while offline, without Stream Management
     attempt = 0,           -- failed connection attempts since the last session
     stats = { connects = 0, reconnects = 0 },
+    neg = false,           -- the session being negotiated (read for every stanza received)
   }, Client)
   self.events = events.new(function(name, err) self:_handler_error(name, err) end)
   self.iq = iq.new(self)
@@ -204,7 +205,7 @@ function Client:_attempt()
   loop.spawn(function()
     local ok, features, bound, resumed = pcall(neg.run, neg)
     if self.conn ~= conn then return end   -- superseded (close() or a newer attempt)
-    self.neg = nil
+    self.neg = false
     if not ok then
       local err = xmperror.is(features) and features
         or xmperror.new("connection", "internal-server-error", tostring(features))

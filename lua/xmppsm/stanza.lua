@@ -40,7 +40,6 @@ local type, error, setmetatable, getmetatable, tostring, pairs, ipairs =
 local rawget, rawlen = rawget, rawlen
 local concat = table.concat
 local serialize, materialize, lazy_child_text = core.serialize, core.materialize, core.lazy_child_text
-local element_ns = core.element_ns
 
 local xmlns_stanzas = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
@@ -286,8 +285,7 @@ function methods:get_child_text(name, xmlns)
   if rawget(self, "tags") == nil then
     -- A lazy stanza from the parser: read its recorded children, build none (a handler
     -- reading a message's body is the common case). Anything else takes the general path.
-    local pns = element_ns(self) -- self.attr.xmlns, without building attr
-    local found, text = lazy_child_text(self, name, xmlns or pns, pns)
+    local found, text = lazy_child_text(self, name, xmlns) -- with self.attr.xmlns, unbuilt
     if found ~= nil then return text end
   end
   local child = self:get_child(name, xmlns)

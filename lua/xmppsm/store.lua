@@ -588,7 +588,7 @@ function FileStore:_rewrite()
   self.journal = f
   self.journal_bytes = HEADER_LEN + REC_OVERHEAD + #payload
   self.compact_floor = 0
-  self.broken = nil
+  self.broken = false
   self.compactions = self.compactions + 1
   return true
 end
@@ -822,7 +822,7 @@ function store.file(path, opts)
     path = path, dir = dir, tmp_path = path .. ".tmp", durability = durability,
     compact_slack = slack,
     lockf = lockf, journal = nil, journal_bytes = 0, compact_floor = 0, compactions = 0,
-    loaded = false, closed = false, broken = nil, sp = {},
+    loaded = false, closed = false, broken = false, sp = {},
     append_only = true,    -- mutations take the fast path of Store:acked and friends
   }, FileStore)
   reset_state(self)

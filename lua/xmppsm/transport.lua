@@ -36,6 +36,7 @@ function transport.new(opts)
     closed = false,
     want_write = false,
     flush_pending = false,
+    broken = false,    -- or why a read or write failed (false, not nil: read per stanza sent)
   }, Transport)
   -- Writes what a loop step queued, once the step is done (see Transport:send).
   t.flush_deferred = function()

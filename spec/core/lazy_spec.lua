@@ -207,6 +207,19 @@ describe("xmppsm.core parser, lazy elements", function()
     assert.is_nil(m:get_child_text("x", "urn:x"))
     assert.equal("", m:get_child_text("e"))
     assert.is_nil(m:get_child_text("thread"))
+    -- without pns, the element's own attr.xmlns is used, and a nil want means it
+    local d = one("<message xmlns='urn:o'><body xmlns='jabber:client'>in client</body>"
+      .. "<body>in o</body></message>")
+    assert.is_nil(rawget(d, "attr"))
+    assert.same({ true, "in o" }, { core.lazy_child_text(d, "body") })
+    assert.same({ true, "in o" }, { core.lazy_child_text(d, "body", "urn:o") })
+    assert.same({ true, "in client" }, { core.lazy_child_text(d, "body", "jabber:client") })
+    assert.same({ true, "in client" }, { core.lazy_child_text(d, "body", "jabber:client", nil) })
+    assert.same({ true, "in o" }, { core.lazy_child_text(d, "body", nil, nil) }) -- given: nil
+    assert.same({ false }, { core.lazy_child_text(d, "body", "urn:o", nil) })
+    assert.is_nil(rawget(d, "attr"))
+    d.attr.xmlns = "jabber:client"               -- a built attr is read live, as element_ns does
+    assert.same({ true, "in client" }, { core.lazy_child_text(d, "body") })
     -- a lazy element is a table: anything else is refused by the scanner
     assert.has_error(function() core.lazy_child_text("x") end)
     assert.is_nil((core.lazy_child_text({})))
