@@ -100,6 +100,7 @@ typedef struct {
     size_t content_ns_len;
     int has_mt;
     int lazy;         /* stanzas keep their children on a tape copy until first used */
+    int no_raw;       /* set_raw(false): stanza events carry false instead of their bytes */
     uint32_t unit_depth; /* deepest element of the stanza being received (1 = the stanza) */
 
     uint64_t fed;        /* next stream byte to hand to expat */
@@ -1292,7 +1293,10 @@ static const char *emit_stanza(out_t *o, const char *r) {
         luaL_error(L, "xmppsm.parser: corrupt tape");
     }
     r = get_u64(rec_end + 1, &end);
-    push_raw(L, p, start, end);
+    if (p->no_raw)
+        lua_pushboolean(L, 0);
+    else
+        push_raw(L, p, start, end);
     emit(o, K_STANZA);
     return r;
 }
@@ -1676,6 +1680,15 @@ static int l_state(lua_State *L) {
     return 1;
 }
 
+/* p:set_raw(keep): whether stanza events carry their raw bytes (the default) or false. A client
+ * nobody logs the traffic of makes no string per stanza received. */
+static int l_set_raw(lua_State *L) {
+    parser_t *p = luaL_checkudata(L, 1, PARSER_MT);
+    luaL_checktype(L, 2, LUA_TBOOLEAN);
+    p->no_raw = !lua_toboolean(L, 2);
+    return 0;
+}
+
 static void free_parser(parser_t *p) {
     if (p->xp != NULL) {
         XML_ParserFree(p->xp);
@@ -1791,7 +1804,7 @@ static int l_parser(lua_State *L) {
 }
 
 static const luaL_Reg parser_methods[] = {
-    {"reset", l_reset}, {"state", l_state}, {"close", l_close}, {NULL, NULL}};
+    {"reset", l_reset}, {"state", l_state}, {"set_raw", l_set_raw}, {"close", l_close}, {NULL, NULL}};
 
 static const luaL_Reg parser_meta[] = {
     {"__gc", l_close}, {"__close", l_close}, {"__tostring", l_tostring}, {NULL, NULL}};

@@ -100,6 +100,31 @@ describe("client against Prosody", function()
     assert.matches("SASL payload hidden", all, 1, true)
   end)
 
+  it("shows received stanzas to a rawIn handler added while online, and none once removed", function()
+    local a = start(new_client(server, "alice"))
+    local b = start(new_client(server, "bob"))
+    local got = {}
+    b:on("message", function(m) got[#got + 1] = m:get_child_text("body") end)
+    online(a) online(b)
+    local function send(body)
+      a:send(stanza.message({ to = "bob@" .. DOMAIN, type = "chat" }, body))
+      wait.until_true(function() return got[#got] == body end, 5, "message " .. body)
+    end
+    send("before")                      -- nobody logs: the parser keeps no raw bytes
+    local seen = {}
+    local function log(s) seen[#seen + 1] = s end
+    b:on("rawIn", log)
+    send("during")
+    local all = table.concat(seen)
+    assert.matches("<body>during</body>", all, 1, true)
+    assert.is_nil(all:find("before", 1, true))
+    for _, s in ipairs(seen) do assert.is_string(s) end
+    b:off("rawIn", log)
+    local n = #seen
+    send("after")
+    assert.equal(n, #seen)
+  end)
+
   it("exchanges messages between two clients", function()
     local a = start(new_client(server, "alice"))
     local b = start(new_client(server, "bob"))

@@ -196,8 +196,10 @@ function Client:_attempt()
   conn = connection.new(self.opts, {
     on_element = function(el, raw) self:_on_element(conn, el, raw) end,
     on_end = function(err) self:_on_end(conn, err) end,
-    raw_in = function(bytes) if self.events.handlers.rawIn then self:_raw("rawIn", bytes) end end,
+    -- bytes is false for a stanza parsed before the first rawIn listener came (see wants_raw)
+    raw_in = function(bytes) if bytes and self.events.handlers.rawIn then self:_raw("rawIn", bytes) end end,
     raw_out = function(bytes) if self.events.handlers.rawOut then self:_raw("rawOut", bytes) end end,
+    wants_raw = function() return self.events.handlers.rawIn ~= nil end,
   })
   local neg = session.new(self, conn)
   self.conn, self.neg = conn, neg
@@ -226,7 +228,7 @@ end
 
 function Client:_on_element(conn, el, raw)
   if conn ~= self.conn then return end
-  if self.events.handlers.rawIn then self:_raw("rawIn", raw) end
+  if raw and self.events.handlers.rawIn then self:_raw("rawIn", raw) end
   if self.neg then return self.neg:deliver(el) end
   return self:_incoming(el)
 end

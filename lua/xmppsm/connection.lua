@@ -15,7 +15,9 @@ Connection.__index = Connection
 
 --- Creates a connection. `hooks`: `on_element(el, raw)` for every top-level element,
 -- `on_end(err)` once when the stream ends (err is an `xmppsm.error` or nil for a clean close),
--- `raw_in(bytes)` and `raw_out(bytes)` for traffic logging (may be nil).
+-- `raw_in(bytes)` and `raw_out(bytes)` for traffic logging (may be nil), `wants_raw()` (may be
+-- nil): asked before each chunk is parsed, false when nobody needs the raw bytes of the stanzas
+-- in it (they are then `false`, and the parser makes no string for them).
 function connection.new(opts, hooks)
   local self = setmetatable({
     hooks = hooks,
@@ -23,6 +25,7 @@ function connection.new(opts, hooks)
     parser = core.parser{ stanza_mt = stanza.metatable, max_stanza_size = opts.max_stanza_size },
     header = nil,          -- the server's stream header attributes
     sent_close = false,
+    raw_kept = true,       -- what the parser was last told by set_raw (its default)
   }, Connection)
   self.transport = transport.new{
     on_data = function(bytes) self:_on_data(bytes) end,
@@ -56,6 +59,14 @@ local function stream_error_of(el)
 end
 
 function Connection:_on_data(bytes)
+  local wants_raw = self.hooks.wants_raw
+  if wants_raw then
+    local keep = wants_raw() and true or false
+    if keep ~= self.raw_kept then
+      self.raw_kept = keep
+      self.parser:set_raw(keep)
+    end
+  end
   local events, n = self.parser:feed(bytes)
   for i = 1, n do
     if self.ended then return end

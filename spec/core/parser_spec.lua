@@ -219,6 +219,33 @@ describe("xmppsm.core parser (lazy = " .. tostring(lazy) .. ")", function()
       assert.equal(CLOSE, ev[5].b)
     end)
 
+    it("leaves out stanzas' raw bytes after set_raw(false), and only those", function()
+      local p = new_parser()
+      local want = feed(new_parser(), input)
+      assert.has_error(function() p:set_raw(nil) end)
+      assert.has_error(function() p:set_raw("no") end)
+      p:set_raw(false)
+      local head = input:match("^.-<message")
+      head = head:sub(1, -9)
+      local rest = input:sub(#head + 1)
+      local ev = feed(p, head)                      -- the header: its raw bytes all the same
+      assert.equal("header", kinds(ev))
+      assert.equal(want[1].b, ev[1].b)
+      local split = rest:find("<iq", 1, true)
+      ev = feed(p, rest:sub(1, split - 1))          -- two stanzas without raw bytes
+      assert.equal("stanza stanza", kinds(ev))
+      assert.is_false(ev[1].b)
+      assert.is_false(ev[2].b)
+      for i = 1, 2 do
+        assert.same(core.materialize(want[i + 1].a), core.materialize(ev[i].a))
+      end
+      p:set_raw(true)                               -- and with them again
+      ev = feed(p, rest:sub(split))
+      assert.equal("stanza close", kinds(ev))
+      assert.equal(want[4].b, ev[1].b)
+      assert.equal(want[5].b, ev[2].b)
+    end)
+
     it("gives the same events fed one byte at a time", function()
       assert.same(run(input, nil, whole(input)), run(input, nil, steps(1)))
     end)
