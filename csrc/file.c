@@ -22,6 +22,22 @@ static FILE *check_stream(lua_State *L, int idx) {
     return p->f;
 }
 
+/* check_stream, for a function that keeps the file handles' metatable at upvalue `mt` (nil when
+ * `io` was not loaded before us): a full userdata with that metatable is taken without
+ * luaL_checkudata's registry lookup by name; anything else goes through check_stream. */
+static FILE *check_stream_fast(lua_State *L, int idx, int mt) {
+    if (lua_type(L, idx) == LUA_TUSERDATA && lua_getmetatable(L, idx)) {
+        int same = lua_rawequal(L, -1, mt);
+        lua_pop(L, 1);
+        if (same) {
+            luaL_Stream *p = (luaL_Stream *)lua_touserdata(L, idx);
+            if (p->closef != NULL && p->f != NULL)
+                return p->f;
+        }
+    }
+    return check_stream(L, idx);
+}
+
 static int push_errno(lua_State *L, const char *what, const char *name, int err) {
     lua_pushnil(L);
     if (name != NULL)
@@ -224,19 +240,7 @@ static const unsigned char *record_part(lua_State *L, int idx, unsigned char *nu
  * separate flush call. */
 static int file_write_record(lua_State *L) {
     const uint32_t *table = (const uint32_t *)lua_touserdata(L, lua_upvalueindex(1));
-    FILE *f = NULL;
-    /* The file handles' metatable, kept as upvalue 2 when `io` was loaded before us, spares
-     * luaL_checkudata's registry lookup by name on every record; anything else takes it. */
-    if (lua_getmetatable(L, 1)) {
-        if (lua_rawequal(L, -1, lua_upvalueindex(2))) {
-            luaL_Stream *p = (luaL_Stream *)lua_touserdata(L, 1);
-            if (p->closef != NULL && p->f != NULL)
-                f = p->f;
-        }
-        lua_pop(L, 1);
-    }
-    if (f == NULL)
-        f = check_stream(L, 1);
+    FILE *f = check_stream_fast(L, 1, lua_upvalueindex(2)); /* once per stanza sent */
     lua_Integer rtype = luaL_checkinteger(L, 2);
     size_t alen, blen = 0;
     unsigned char num[8];

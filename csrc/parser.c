@@ -1096,8 +1096,8 @@ static int l_lazy_child_text(lua_State *L) {
     if (own_ns) {
         lua_pushliteral(L, "attr");
         if (lua_rawget(L, 1) == LUA_TTABLE) { /* built, maybe changed: it says (element_ns) */
-            lua_getfield(L, -1, "xmlns");
-            pns = lua_tolstring(L, -1, &pns_len); /* NULL unless a string; stays on the stack */
+            if (lua_getfield(L, -1, "xmlns") == LUA_TSTRING)
+                pns = lua_tolstring(L, -1, &pns_len); /* stays on the stack until we return */
         } else if (z.e.differs) {
             pns = z.e.ns;
             pns_len = z.e.nslen;

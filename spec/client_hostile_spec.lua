@@ -109,6 +109,32 @@ describe("client against a scripted server", function()
     assert.equal(1, rec.count("reconnecting"))
   end)
 
+  it("gives a rawIn handler added in the middle of a chunk only bytes, never a placeholder", function()
+    -- Before the first rawIn handler the parser keeps no raw bytes (stanza events carry false):
+    -- the handler added by the first message must not see that false for the second message
+    -- nor for the stream error, which arrive in the same chunk.
+    server = fakeserver.start(function(peer)
+      fakeserver.login(peer)
+      peer:read()
+      peer:send("<message from='a@example.test/x'><body>1</body></message>" ..
+                "<message from='a@example.test/x'><body>2</body></message>" ..
+                "<stream:error><conflict xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>")
+      peer:wait_closed(2)
+    end)
+    client = new_client(server)
+    local seen, bodies = {}, {}
+    client:on("message", function(m)
+      bodies[#bodies + 1] = m:get_child_text("body")
+      if #bodies == 1 then client:on("rawIn", function(s) seen[#seen + 1] = s end) end
+    end)
+    local rec = wait.recorder(client, { "offline" })
+    client:connect()
+    wait.until_true(function() return client:status() == "closed" end, 5, "the client to stop")
+    assert.same({ "1", "2" }, bodies)
+    for _, s in ipairs(seen) do assert.is_string(s) end
+    assert.equal("conflict", rec.last("offline").condition)
+  end)
+
   it("stops for good on a conflict stream error", function()
     server = fakeserver.start(function(peer)
       fakeserver.login(peer)

@@ -434,7 +434,10 @@ local STREAM_OPEN = "<stream:stream xmlns='jabber:client' xmlns:stream='http://e
 local reparser -- one parser for every call, reset after each: creating one costs ~10 us
 function stanza.parse(xml)
   if type(xml) ~= "string" then error("parse: expected a string, got " .. type(xml), 2) end
-  if not reparser then reparser = core.parser{ stanza_mt = stanza_mt } end
+  if not reparser then
+    reparser = core.parser{ stanza_mt = stanza_mt }
+    reparser:set_raw(false)   -- only the element is returned
+  end
   reparser:feed(STREAM_OPEN)
   local events, n = reparser:feed(xml)
   reparser:reset()

@@ -16,9 +16,10 @@
 -- version), then records, each `<I4 length><B type><I4 CRC-32 of those 5 bytes>`, the payload,
 -- and `<I4 CRC-32 of the payload>`. The first record is a full snapshot; each mutation appends
 -- one small record, so `queued()` costs O(1) whatever the queue's length. When the journal grows
--- past twice the live state plus `compact_slack` bytes (an option of `store.file`, default 1 MiB)
--- it is compacted: a snapshot is written to `path.tmp` and renamed over the journal. The slack
--- bounds the file's size (at most twice the state plus the slack and one record) and sets how
+-- past twice the size of a snapshot of the state plus `compact_slack` bytes (an option of
+-- `store.file`, default 1 MiB) it is compacted: a snapshot is written to `path.tmp` and renamed
+-- over the journal. The slack bounds the file's size (about twice the snapshot plus the slack
+-- and one record; more only while a failed compaction waits to be tried again) and sets how
 -- rarely the whole state is rewritten: with 1,000 stanzas of 150 bytes unacknowledged, once every
 -- ~7,000 records rather than every ~1,300 with 64 KiB (each rewrite writes and, in modes
 -- `"write"` and `"fsync"`, fsyncs the whole state). The lock is taken on `path.lock` (see
@@ -156,6 +157,12 @@ local function encode_session(s)
     s.max and pack_number(s.max) or "",
     pack_number(s.enabled_at),
   }
+end
+
+-- The bytes of a journal holding only a snapshot of `self`, besides its items' `items_bytes`:
+-- the header, the record's framing, the session and the three counters.
+local function snapshot_fixed_bytes(self)
+  return HEADER_LEN + REC_OVERHEAD + #encode_session(self.session) + 12
 end
 
 local function decode_session(data, pos)
@@ -587,6 +594,7 @@ function FileStore:_rewrite()
   if old and iotype(old) == "file" then old:close() end
   self.journal = f
   self.journal_bytes = HEADER_LEN + REC_OVERHEAD + #payload
+  self.fixed_bytes = snapshot_fixed_bytes(self)
   self.compact_floor = 0
   self.broken = false
   self.compactions = self.compactions + 1
@@ -633,14 +641,18 @@ function FileStore:queued(raw, stamp)
   self.raws[t], self.stamps[t] = raw, stamp
   local items_bytes = self.items_bytes + n + ITEM_OVERHEAD
   self.items_bytes = items_bytes
-  if self.journal_bytes > 2 * (items_bytes + 256) + self.compact_slack then self:_maybe_compact() end
+  if self.journal_bytes - self.compact_slack > 2 * (items_bytes + self.fixed_bytes) then
+    self:_maybe_compact()
+  end
   return true
 end
 
--- Compacts once the journal outgrew the state it holds.
+-- Compacts once the journal outgrew the state it holds: past twice a snapshot of it plus the
+-- slack (written so that no sum can overflow, whatever the slack).
 function FileStore:_maybe_compact()
   local size = self.journal_bytes
-  if size > 2 * (self.items_bytes + 256) + self.compact_slack and size >= self.compact_floor then
+  if size - self.compact_slack > 2 * (self.items_bytes + self.fixed_bytes)
+     and size >= self.compact_floor then
     -- The record is in the journal already, so a failed compaction does not fail the call;
     -- it is tried again after another 64 KiB rather than on every call.
     if not self:_rewrite() then self.compact_floor = size + RETRY_COMPACT_AFTER end
@@ -718,6 +730,7 @@ function FileStore:load()
     if not f then return nil, "xmppsm.store: " .. jerr end
     if self.durability == "none" then f:setvbuf("full", BUFFER_SIZE) end
     self.journal, self.journal_bytes = f, #data
+    self.fixed_bytes = snapshot_fixed_bytes(self)
   else
     -- No file yet, a torn tail to cut off, or a damaged file moved aside: a fresh journal,
     -- born complete through the rename.
@@ -822,6 +835,7 @@ function store.file(path, opts)
     path = path, dir = dir, tmp_path = path .. ".tmp", durability = durability,
     compact_slack = slack,
     lockf = lockf, journal = nil, journal_bytes = 0, compact_floor = 0, compactions = 0,
+    fixed_bytes = 0,       -- snapshot_fixed_bytes as of the last load or compaction
     loaded = false, closed = false, broken = false, sp = {},
     append_only = true,    -- mutations take the fast path of Store:acked and friends
   }, FileStore)

@@ -115,6 +115,8 @@ describe("core file functions", function()
     assert.has_error(function() core.write_record(io.stdout, -1, "x") end)
     assert.has_error(function() core.write_record("file", 1, "x") end)
     assert.has_error(function() core.write_record(core.parser(), 1, "x") end) -- another userdata
+    -- a table given the file handles' metatable: refused, not taken for a file
+    assert.has_error(function() core.write_record(setmetatable({}, getmetatable(io.stdout)), 1, "x") end)
     assert.has_error(function() core.write_record(io.stdout, 1, nil) end)
     os.remove(path)
   end)
@@ -673,12 +675,13 @@ describe("xmppsm.store", function()
       assert.equal(20000, reload(path).inbound)
     end)
 
-    -- The rule: compacted by the append that takes the journal past 2 x (live bytes + 256) +
-    -- compact_slack. With no items the live bytes are 0; a counter record is 17 bytes.
+    -- The rule: compacted by the append that takes the journal past twice a snapshot of the
+    -- state plus compact_slack. With no items the snapshot is the journal just loaded; a
+    -- counter record is 17 bytes.
     local function compaction_edge(opts, slack)
       local s = open(path, opts)
       local start = size(path)
-      local limit = 2 * 256 + slack
+      local limit = 2 * start + slack
       local last = (limit - start) // 17   -- the last update that keeps the journal <= limit
       for h = 1, last do assert(s:inbound(h)) end
       assert.equal(start + 17 * last, size(path))   -- at the limit or just below: not compacted
@@ -697,6 +700,29 @@ describe("xmppsm.store", function()
       compaction_edge({ compact_slack = 5000 }, 5000)
       os.remove(path)
       compaction_edge({ compact_slack = 0 }, 0)
+    end)
+
+    it("counts a large session in the snapshot: no compaction per change, even with no slack", function()
+      local s = open(path, { compact_slack = 0 })
+      local big = session(1)
+      big.location = string.rep("l", 2000) .. ".example.net:5222"
+      assert(s:enabled(big))
+      local before = s.compactions
+      for h = 1, 1000 do assert(s:inbound(h)) end
+      -- a snapshot is ~2.1 KB, so one compaction per ~2.1 KB of 17-byte records: ~8, not 1000
+      local made = s.compactions - before
+      assert.is_true(made >= 4 and made <= 12, made .. " compactions")
+      s:close()
+      assert.same(big, reload(path).session)
+    end)
+
+    it("never compacts for a slack as large as an integer goes", function()
+      local s = open(path, { compact_slack = math.maxinteger })
+      local before = s.compactions
+      for h = 1, 300 do assert(s:inbound(h)) end
+      assert.equal(before, s.compactions)
+      s:close()
+      assert.equal(300, reload(path).inbound)
     end)
 
     it("does not compact while the journal is mostly live state", function()
