@@ -29,12 +29,12 @@
 --
 -- * `"write"` (default): the record has been written to the operating system (one `write`
 --   call); it survives the process being killed (SIGKILL, a crash), not a power loss or a
---   kernel crash. About 1.1 us per `queued()` of a 200-byte stanza.
+--   kernel crash. About 0.8 us per `queued()` of a 200-byte stanza (`make bench`, queue section).
 -- * `"fsync"`: the record is on the disk (`fsync`); it survives a power loss. Costs a disk flush
---   per mutation: 0.15 to 0.2 ms on the SSD-backed machine where it was measured, 10 ms or more
+--   per mutation: 0.15 to 0.3 ms on the SSD-backed machine where it was measured, 10 ms or more
 --   on a spinning disk.
 -- * `"none"`: records are buffered (64 KiB) and written when the buffer fills, on compaction and
---   on `close()`. About 0.75 us per `queued()`; a crash loses the unwritten tail (what remains
+--   on `close()`. About 0.45 us per `queued()`; a crash loses the unwritten tail (what remains
 --   loads without a warning: a record cut in two is dropped).
 --
 -- Loading costs about 1 us per item. (Measured with 100,000 items, Lua 5.4, x86-64.)
