@@ -25,7 +25,6 @@ function connection.new(opts, hooks)
     parser = core.parser{ stanza_mt = stanza.metatable, max_stanza_size = opts.max_stanza_size },
     header = nil,          -- the server's stream header attributes
     sent_close = false,
-    raw_kept = true,       -- what the parser was last told by set_raw (its default)
   }, Connection)
   self.transport = transport.new{
     on_data = function(bytes) self:_on_data(bytes) end,
@@ -60,13 +59,7 @@ end
 
 function Connection:_on_data(bytes)
   local wants_raw = self.hooks.wants_raw
-  if wants_raw then
-    local keep = wants_raw() and true or false
-    if keep ~= self.raw_kept then
-      self.raw_kept = keep
-      self.parser:set_raw(keep)
-    end
-  end
+  if wants_raw then self.parser:set_raw(not not wants_raw()) end
   local events, n = self.parser:feed(bytes)
   for i = 1, n do
     if self.ended then return end

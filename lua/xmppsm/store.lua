@@ -594,7 +594,7 @@ function FileStore:_rewrite()
   if old and iotype(old) == "file" then old:close() end
   self.journal = f
   self.journal_bytes = HEADER_LEN + REC_OVERHEAD + #payload
-  self.fixed_bytes = snapshot_fixed_bytes(self)
+  self.fixed_bytes = self.journal_bytes - self.items_bytes   -- snapshot_fixed_bytes, encoded once
   self.compact_floor = 0
   self.broken = false
   self.compactions = self.compactions + 1
@@ -641,6 +641,7 @@ function FileStore:queued(raw, stamp)
   self.raws[t], self.stamps[t] = raw, stamp
   local items_bytes = self.items_bytes + n + ITEM_OVERHEAD
   self.items_bytes = items_bytes
+  -- _maybe_compact's own test, here so that most calls spare the call
   if self.journal_bytes - self.compact_slack > 2 * (items_bytes + self.fixed_bytes) then
     self:_maybe_compact()
   end
@@ -789,8 +790,8 @@ end
 -- unlinked file while a third one creates and locks a new one.
 -- @tparam string path the journal's path (see `default_path`)
 -- @tparam[opt] table opts `durability`: `"write"` (default), `"fsync"` or `"none"` (see above);
--- `compact_slack`: bytes the journal may grow past twice its live state before it is compacted
--- (an integer >= 0, default 1 MiB; see above)
+-- `compact_slack`: bytes the journal may grow past twice a snapshot of its state before it is
+-- compacted (an integer >= 0, default 1 MiB; see above)
 -- @return a store, or nil and an error message (the path is in use, a directory cannot be made...)
 function store.file(path, opts)
   if type(path) ~= "string" or path == "" or path:sub(-1) == "/" then
