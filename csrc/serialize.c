@@ -213,9 +213,33 @@ static int fail_char(lua_State *L, const Where *w, size_t i, unsigned long cp) {
     return fail_at(L, w, i);
 }
 
-/* Word-at-a-time tests (the "haszero" family): each is nonzero exactly when some byte of v
- * matches. Borrows can mark extra bytes, but only above a byte that really matched, so the
- * "whether" answer is exact, which is all the skip loop needs. */
+/* The escaping scan looks at 16 bytes at a time and gets a bitmask of those it must stop at:
+ * bytes >= 0x80 (UTF-8 sequences, checked), below 0x20 (refused, or TAB/LF/CR), & < > and, in
+ * attribute values, both quotes. Marks may include bytes the class table says to copy (TAB, LF
+ * in text; any byte, in the portable version): the caller copies those. With SSE2 (every x86-64)
+ * the mask takes a handful of instructions; elsewhere two word-at-a-time tests give it.
+ * XMPPSM_NO_SIMD forces the portable version (the sanitizer build uses it, so both are tested). */
+#define SCAN_BLOCK 16
+
+#if defined(__SSE2__) && !defined(XMPPSM_NO_SIMD)
+#include <emmintrin.h>
+
+static inline unsigned scan_marks(const unsigned char *s, int attr) {
+    __m128i v = _mm_loadu_si128((const __m128i *)(const void *)s);
+    /* A signed compare: bytes >= 0x80 are negative, so they are below 0x20 too. */
+    __m128i m = _mm_cmplt_epi8(v, _mm_set1_epi8(0x20));
+    m = _mm_or_si128(m, _mm_cmpeq_epi8(v, _mm_set1_epi8('&')));
+    m = _mm_or_si128(m, _mm_cmpeq_epi8(v, _mm_set1_epi8('<')));
+    m = _mm_or_si128(m, _mm_cmpeq_epi8(v, _mm_set1_epi8('>')));
+    if (attr) {
+        m = _mm_or_si128(m, _mm_cmpeq_epi8(v, _mm_set1_epi8('"')));
+        m = _mm_or_si128(m, _mm_cmpeq_epi8(v, _mm_set1_epi8('\'')));
+    }
+    return (unsigned)_mm_movemask_epi8(m);
+}
+#else
+/* The "haszero" tests: nonzero in a byte's high bit when that byte matches. A borrow can mark a
+ * byte above one that really matched; such a byte is then looked up and copied. */
 #define ONES ((uint64_t)0x0101010101010101ULL)
 #define HIGHS (ONES * 0x80)
 
@@ -228,70 +252,106 @@ static inline uint64_t has_byte(uint64_t v, unsigned char c) {
     return (x - ONES) & ~x & HIGHS;
 }
 
-/* Where the first marked byte of a word test is. The lowest mark is always a real match (borrows
- * only go upwards), and with little-endian loads the lowest byte is the first in the string. */
-static inline size_t first_marked(const unsigned char *cls, const unsigned char *s, uint64_t m) {
-#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    (void)cls; (void)s;
-    return (size_t)__builtin_ctzll(m) >> 3;
+/* One bit per byte of s[0..7], the first byte in bit 0, whatever the byte order. */
+static inline unsigned word_marks(const unsigned char *s, int attr) {
+    uint64_t v = 0, m;
+    unsigned out = 0;
+    int k;
+    for (k = 7; k >= 0; k--) v = (v << 8) | s[k]; /* little-endian order, on any machine */
+    m = (v & HIGHS) | has_less_0x20(v) | has_byte(v, '&') | has_byte(v, '<') | has_byte(v, '>');
+    if (attr) m |= has_byte(v, '"') | has_byte(v, '\'');
+    for (k = 0; k < 8; k++) out |= (unsigned)((m >> (8 * k + 7)) & 1) << k;
+    return out;
+}
+
+static inline unsigned scan_marks(const unsigned char *s, int attr) {
+    return word_marks(s, attr) | (word_marks(s + 8, attr) << 8);
+}
+#endif
+
+/* Position of the lowest set bit of m (m != 0). */
+static inline unsigned lowest_bit(unsigned m) {
+#if defined(__GNUC__)
+    return (unsigned)__builtin_ctz(m);
 #else
-    size_t k = 0;
-    (void)m;
-    /* The mark may be a TAB or LF, which text copies: stop on the last byte then. */
-    while (k < 7 && cls[s[k]] == COPY) k++;
+    unsigned k = 0;
+    while (!(m & 1u)) { m >>= 1; k++; }
     return k;
 #endif
 }
 
+/* Length of the valid UTF-8 sequence XML 1.0 allows at s[i] (a byte >= 0x80), or 0 with an error
+ * message pushed. Two- and three-byte sequences are checked here; the rest by utf8_decode. */
+static size_t xml_utf8_at(lua_State *L, const unsigned char *s, size_t n, size_t i, const Where *w) {
+    unsigned c = s[i];
+    unsigned long cp = 0;
+    int err = U_OK;
+    size_t len;
+    /* U+0080..U+07FF (Latin, Greek, Cyrillic, ...): always allowed. */
+    if (c >= 0xC2 && c <= 0xDF && i + 1 < n && (s[i + 1] & 0xC0) == 0x80) return 2;
+    /* U+0800..U+FFFD but for surrogates (ED A0..BF) and overlong forms (E0 80..9F). */
+    if (c >= 0xE1 && c <= 0xEC && i + 2 < n && (s[i + 1] & 0xC0) == 0x80 && (s[i + 2] & 0xC0) == 0x80)
+        return 3;
+    len = utf8_decode(s, n, i, &cp, &err);
+    if (len == 0) {
+        push_utf8_error(L, s, i, err, cp);
+        fail_at(L, w, i);
+        return 0;
+    }
+    /* The only code points of three bytes XML 1.0 refuses; surrogates were refused above. */
+    if (cp == 0xFFFE || cp == 0xFFFF) {
+        fail_char(L, w, i, cp);
+        return 0;
+    }
+    return len;
+}
+
+/* Handles the marked byte s[i]: copies it, escapes it, or checks its UTF-8 sequence. Returns the
+ * position after it, or 0 with an error message pushed (the buffer then holds garbage, which the
+ * caller discards). *run is where the bytes not yet appended start. */
+static inline size_t put_marked(lua_State *L, Out *o, const unsigned char *cls, const unsigned char *s,
+                                size_t n, size_t i, size_t *run, const Where *w) {
+    unsigned char c = s[i];
+    size_t len;
+    switch (cls[c]) {
+    case COPY: return i + 1;
+    case MB:
+        len = xml_utf8_at(L, s, n, i, w);
+        return len ? i + len : 0;
+    case ESC:
+        out_add(o, (const char *)s + *run, i - *run);
+        add_entity(o, c);
+        *run = i + 1;
+        return i + 1;
+    default:
+        fail_char(L, w, i, c);
+        return 0;
+    }
+}
+
 /* Appends s escaped by cls after checking UTF-8 and XML 1.0 characters. Returns 0, or 1 with an
- * error message pushed (the buffer then holds garbage, which the caller discards). */
+ * error message pushed (the buffer then holds garbage, which the caller discards). Plain bytes are
+ * appended in runs; blocks of SCAN_BLOCK bytes are scanned at once, and each marked byte in a
+ * block is handled in turn (a UTF-8 sequence clears the marks of its continuation bytes). */
 static int put_escaped(lua_State *L, Out *o, const unsigned char *cls, const char *str, size_t n,
                        const Where *w) {
     const unsigned char *s = (const unsigned char *)str;
     const int attr = cls == attr_class;
     size_t i = 0, run = 0;
+    while (n - i >= SCAN_BLOCK) {
+        unsigned m = scan_marks(s + i, attr);
+        size_t next = i + SCAN_BLOCK;
+        while (m) {
+            size_t at = i + lowest_bit(m), after = put_marked(L, o, cls, s, n, at, &run, w);
+            if (after == 0) return 1;
+            if (after >= next) { next = after; break; }
+            m &= ~0u << (after - i); /* drop the marks up to and including this sequence */
+        }
+        i = next;
+    }
     while (i < n) {
-        unsigned char c;
-        /* Skip 8 plain bytes at a time, and from a word with anything else straight to its first
-         * such byte; only those bytes (and the last few of the string) go through the switch.
-         * TAB and LF are marked too, and then copied by the switch. */
-        if (n - i >= 8) {
-            uint64_t v, m;
-            memcpy(&v, s + i, 8);
-            m = (v & HIGHS) | has_less_0x20(v) | has_byte(v, '&') | has_byte(v, '<') | has_byte(v, '>');
-            if (attr) m |= has_byte(v, '"') | has_byte(v, '\'');
-            if (!m) { i += 8; continue; }
-            i += first_marked(cls, s + i, m);
-        }
-        c = s[i];
-        switch (cls[c]) {
-        case COPY:
-            i++;
-            break;
-        case MB: {
-            unsigned long cp = 0;
-            int err = U_OK;
-            size_t len;
-            /* Two bytes (U+0080..U+07FF: Latin, Greek, Cyrillic, ...) are always allowed. */
-            if (c >= 0xC2 && c <= 0xDF && i + 1 < n && (s[i + 1] & 0xC0) == 0x80) { i += 2; break; }
-            len = utf8_decode(s, n, i, &cp, &err);
-            if (len == 0) {
-                push_utf8_error(L, s, i, err, cp);
-                return fail_at(L, w, i);
-            }
-            /* The only 3-byte code points XML 1.0 refuses; surrogates were refused above. */
-            if (len == 3 && (cp == 0xFFFE || cp == 0xFFFF)) return fail_char(L, w, i, cp);
-            i += len;
-            break;
-        }
-        case ESC:
-            out_add(o, str + run, i - run);
-            add_entity(o, c);
-            run = ++i;
-            break;
-        default:
-            return fail_char(L, w, i, c);
-        }
+        if (cls[s[i]] == COPY) i++;
+        else if ((i = put_marked(L, o, cls, s, n, i, &run, w)) == 0) return 1;
     }
     out_add(o, str + run, n - run);
     return 0;
@@ -624,8 +684,9 @@ static void ser_init(Ser *S, lua_State *L) {
     S->out.cap = sizeof S->out.init;
 }
 
-/* s, err = core.serialize(element [, ns_in_scope]) */
-static int ser_serialize(lua_State *L) {
+/* Serializes the element at index 1 with the namespace at index 2 (or jabber:client) in scope.
+ * Returns 0 with the string on top, or 1 with the error message on top. */
+static int serialize_arg(lua_State *L) {
     Ser S;
     size_t nslen;
     const char *ns;
@@ -636,12 +697,32 @@ static int ser_serialize(lua_State *L) {
     lua_pushnil(L); /* SLOT_PLAINMT */
     ser_init(&S, L);
     lua_pushvalue(L, 1);
-    if (ser_element(&S, 1, ns, nslen, NULL, 0)) {
+    if (ser_element(&S, 1, ns, nslen, NULL, 0)) return 1;
+    lua_pushlstring(L, S.out.p, S.out.len);
+    return 0;
+}
+
+/* s, err = core.serialize(element [, ns_in_scope]) */
+static int ser_serialize(lua_State *L) {
+    if (serialize_arg(L)) {
         lua_pushnil(L);
         lua_insert(L, -2);
         return 2;
     }
-    lua_pushlstring(L, S.out.p, S.out.len);
+    return 1;
+}
+
+/* s = core.tostring(element): stanza.metatable's __tostring, in C so tostring(st) runs no Lua
+ * function. tostring cannot return nil, err, so an element that cannot be serialized raises
+ * "cannot serialize stanza: <why>". */
+static int ser_tostring(lua_State *L) {
+    lua_settop(L, 1);
+    if (serialize_arg(L)) {
+        lua_pushliteral(L, "cannot serialize stanza: ");
+        lua_insert(L, -2);
+        lua_concat(L, 2);
+        return lua_error(L);
+    }
     return 1;
 }
 
@@ -677,6 +758,12 @@ void xmppsm_open_serialize(lua_State *L) {
     lua_pushliteral(L, "__xmppsm_materialize");
     lua_pushcclosure(L, ser_serialize, 4);
     lua_setfield(L, -2, "serialize");
+    lua_pushliteral(L, "name");
+    lua_pushliteral(L, "attr");
+    lua_pushliteral(L, "xmlns");
+    lua_pushliteral(L, "__xmppsm_materialize");
+    lua_pushcclosure(L, ser_tostring, 4);
+    lua_setfield(L, -2, "tostring");
     lua_pushcfunction(L, ser_escape);
     lua_setfield(L, -2, "escape");
 }

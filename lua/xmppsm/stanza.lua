@@ -394,11 +394,8 @@ end
 
 --- `tostring(st)`: the XML. An element that cannot be serialized raises an error, since
 -- `tostring` cannot return `nil, err`; use `st:serialize()` to get the error instead.
-function stanza_mt:__tostring()
-  local s, err = serialize(self)
-  if not s then error("cannot serialize stanza: " .. err, 2) end
-  return s
-end
+-- (core.tostring: serialize's error is raised as "cannot serialize stanza: <why>".)
+stanza_mt.__tostring = core.tostring
 
 local function clone(el, depth)
   if depth > 256 then error("clone: elements nested deeper than 256 (a cycle?)", depth + 2) end

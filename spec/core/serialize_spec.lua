@@ -518,6 +518,23 @@ describe("core.serialize", function()
   end)
 end)
 
+describe("core.tostring", function()
+  it("returns what core.serialize returns, in jabber:client", function()
+    local e = el("message", { to = "a@b", xmlns = "jabber:client" }, el("body", {}, "1 < 2"))
+    assert.equal(serialize(e), core.tostring(e))
+    assert.equal("<message to='a@b'><body>1 &lt; 2</body></message>", core.tostring(e))
+  end)
+
+  it("raises serialize's error, prefixed, instead of returning nil, err", function()
+    local e = el("message", {}, el("body", {}, "bad\1"))
+    local _, why = serialize(e)
+    local ok, err = pcall(core.tostring, e)
+    assert.is_false(ok)
+    assert.equal("cannot serialize stanza: " .. why, err)
+    assert.has_error(function() core.tostring("message") end)
+  end)
+end)
+
 describe("core.escape", function()
   it("returns a string without special characters unchanged", function()
     assert.equal("hello world é 𝄞", escape("hello world é 𝄞"))
@@ -552,6 +569,16 @@ local function xml_valid(s)
     if c == 0xFFFE or c == 0xFFFF then return false end
   end
   return true
+end
+
+-- The byte position of the first character xml_valid refuses (a bad UTF-8 sequence counts from
+-- its first byte), or nil.
+local function first_bad(s)
+  local ok, pos = utf8.len(s)
+  for p, c in utf8.codes(ok and s or s:sub(1, pos - 1)) do
+    if (c < 0x20 and c ~= 0x09 and c ~= 0x0A and c ~= 0x0D) or c == 0xFFFE or c == 0xFFFF then return p end
+  end
+  if not ok then return pos end
 end
 
 local function seed_from_env()
@@ -596,6 +623,54 @@ describe("property: random byte strings", function()
     -- Both sides were exercised.
     assert.is_true(accepted > 1000, "seed " .. seed)
     assert.is_true(refused > 1000, "seed " .. seed)
+  end)
+
+  it("longer than a scan block: accepted exactly when valid, refused at the first bad byte", function()
+    -- Valid pieces (runs of ASCII, specials, characters of 2 to 4 bytes) with now and then one
+    -- random byte, so sequences and bad bytes fall at every offset of the serializer's 16-byte
+    -- blocks, across block ends and in the tail after the last block.
+    local seed = seed_from_env()
+    math.randomseed(seed)
+    local pieces = { "&", "<", ">", '"', "'", "\t", "\n", "\r", "é", "ж", "\u{7FF}", "€", "日", "\u{800}",
+      "\u{D7FF}", "\u{E000}", "\u{FFFD}", "😀", "\u{10FFFF}", "\u{FFFE}", "\u{FFFF}", "\u{D800}", "\u{DFFF}" }
+    local accepted, refused = 0, 0
+    for _ = 1, 20000 do
+      local t = {}
+      for i = 1, math.random(0, 12) do
+        local r = math.random()
+        if r < 0.4 then
+          t[i] = ("abcdefghij"):rep(3):sub(1, math.random(1, 30))
+        elseif r < 0.93 then
+          t[i] = pieces[math.random(#pieces)]
+        else
+          t[i] = string.char(math.random(0, 255))
+        end
+      end
+      local s = table.concat(t)
+      local bad = first_bad(s)
+      local where = ("seed %d, bytes %q"):format(seed, s)
+      local results = { { serialize(el("x", {}, s)) }, { serialize(el("x", { v = s })) }, { escape(s) } }
+      for _, r in ipairs(results) do
+        if bad then
+          assert(r[1] == nil, where)
+          assert(tonumber(r[2]:match("%(byte (%d+)%)$")) == bad, where .. ": " .. r[2])
+        else
+          assert(r[1] ~= nil, where)
+        end
+      end
+      if bad then
+        refused = refused + 1
+      else
+        accepted = accepted + 1
+        local text = s == "" and "" or text_of(results[1][1])
+        assert(unescape(text) == s and raw_free(text), where)
+        local value = attr_of(results[2][1], "v")
+        assert(unescape(value) == s and raw_free(value, true), where)
+        assert(unescape(results[3][1]) == s and raw_free(results[3][1], true), where)
+      end
+    end
+    assert.is_true(accepted > 5000, "seed " .. seed)
+    assert.is_true(refused > 2000, "seed " .. seed)
   end)
 end)
 
