@@ -332,15 +332,25 @@ static inline size_t put_marked(lua_State *L, Out *o, const unsigned char *cls, 
 /* Appends s escaped by cls after checking UTF-8 and XML 1.0 characters. Returns 0, or 1 with an
  * error message pushed (the buffer then holds garbage, which the caller discards). Plain bytes are
  * appended in runs; blocks of SCAN_BLOCK bytes are scanned at once, and each marked byte in a
- * block is handled in turn (a UTF-8 sequence clears the marks of its continuation bytes). */
+ * block is handled in turn (a UTF-8 sequence clears the marks of its continuation bytes). The
+ * last, shorter block is scanned from a zero-padded copy, its marks past the end dropped. */
 static int put_escaped(lua_State *L, Out *o, const unsigned char *cls, const char *str, size_t n,
                        const Where *w) {
     const unsigned char *s = (const unsigned char *)str;
     const int attr = cls == attr_class;
     size_t i = 0, run = 0;
-    while (n - i >= SCAN_BLOCK) {
-        unsigned m = scan_marks(s + i, attr);
-        size_t next = i + SCAN_BLOCK;
+    while (i < n) {
+        unsigned m;
+        size_t next;
+        if (n - i >= SCAN_BLOCK) {
+            m = scan_marks(s + i, attr);
+            next = i + SCAN_BLOCK;
+        } else {
+            unsigned char tail[SCAN_BLOCK] = {0};
+            memcpy(tail, s + i, n - i);
+            m = scan_marks(tail, attr) & ((1u << (n - i)) - 1);
+            next = n;
+        }
         while (m) {
             size_t at = i + lowest_bit(m), after = put_marked(L, o, cls, s, n, at, &run, w);
             if (after == 0) return 1;
@@ -348,10 +358,6 @@ static int put_escaped(lua_State *L, Out *o, const unsigned char *cls, const cha
             m &= ~0u << (after - i); /* drop the marks up to and including this sequence */
         }
         i = next;
-    }
-    while (i < n) {
-        if (cls[s[i]] == COPY) i++;
-        else if ((i = put_marked(L, o, cls, s, n, i, &run, w)) == 0) return 1;
     }
     out_add(o, str + run, n - run);
     return 0;
