@@ -11,7 +11,11 @@
  *   the lazy elements what the eager ones' tables say;
  * - element tables have the documented shape;
  * - raw bytes appear in the input in order with only whitespace between them, the header's at
- *   the start of its stream; what reset() returns is input, after a pause exactly what follows. */
+ *   the start of its stream; what reset() returns is input, after a pause exactly what follows;
+ * - every stanza of the reference run serializes (core.serialize), and its output parses back to
+ *   the same element;
+ * - core.escape of the whole input refuses it exactly at its first byte that is not valid UTF-8
+ *   or not an XML 1.0 character, and otherwise its entities give the input back. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,6 +67,49 @@ static const char *driver =
     "  buf[#buf + 1] = \">\"\n"
     "  if v.name then for i = 1, #v do dump(buf, v[i]) end end\n"
     "  buf[#buf + 1] = \"</>\"\n"
+    "end\n"
+    "\n"
+    "-- The serializer on what the parser accepted: every stanza serializes, and parsing its\n"
+    "-- output in a stream of the same namespace gives the same element back.\n"
+    "local STREAM_OPEN = \"<stream:stream xmlns='jabber:client' \" ..\n"
+    "  \"xmlns:stream='http://etherx.jabber.org/streams'>\"\n"
+    "local function round_trip(e)\n"
+    "  local s, err = core.serialize(e)\n"
+    "  assert(s, \"serialize refused a parsed stanza: \" .. tostring(err))\n"
+    "  local p = core.parser({ lazy = false })\n"
+    "  local ev, n = p:feed(STREAM_OPEN .. s)\n"
+    "  p:close()\n"
+    "  assert(n == 2 and ev[4] == \"stanza\" and ev[6] == s, \"serialized stanza did not parse back\")\n"
+    "  local a, b = {}, {}\n"
+    "  dump(a, e)\n"
+    "  dump(b, ev[5])\n"
+    "  assert(table.concat(a) == table.concat(b), \"serialize then parse changed the stanza\")\n"
+    "end\n"
+    "\n"
+    "-- core.escape on the input bytes: refused exactly when they are not UTF-8 made of XML 1.0\n"
+    "-- characters, at the first bad one (a bad sequence counts from its first byte); else the\n"
+    "-- entities give the bytes back and nothing that must be escaped is left raw.\n"
+    "local ENTITIES = { amp = \"&\", lt = \"<\", gt = \">\", quot = '\"', apos = \"'\" }\n"
+    "local function first_bad(s)\n"
+    "  local ok, pos = utf8.len(s)\n"
+    "  for at, c in utf8.codes(ok and s or s:sub(1, pos - 1)) do\n"
+    "    if (c < 32 and c ~= 9 and c ~= 10 and c ~= 13) or c == 0xFFFE or c == 0xFFFF then return at end\n"
+    "  end\n"
+    "  if not ok then return pos end\n"
+    "end\n"
+    "local function check_escape(s)\n"
+    "  local e, err = core.escape(s)\n"
+    "  local bad = first_bad(s)\n"
+    "  if bad then\n"
+    "    assert(e == nil and tonumber(err:match(\"%(byte (%d+)%)$\")) == bad, \"escape: error position\")\n"
+    "    return\n"
+    "  end\n"
+    "  assert(not e:gsub(\"&#?%w+;\", \"\"):find(\"[&<>\\r\\n\\t\\\"']\"), \"escape: left raw\")\n"
+    "  local back = e:gsub(\"&(#?)(%w+);\", function(hash, name)\n"
+    "    if hash == \"#\" then return utf8.char(tonumber(name)) end\n"
+    "    return ENTITIES[name]\n"
+    "  end)\n"
+    "  assert(back == s, \"escape: entities do not give the bytes back\")\n"
     "end\n"
     "\n"
     "-- What element_ns and get_child_text's lazy path answer, before anything is built; an eager\n"
@@ -136,6 +183,7 @@ static const char *driver =
     "          return table.concat(buf, \" \")\n"
     "        end\n"
     "        if kind == \"stanza\" then out[#out + 1] = probe(a) end\n"
+    "        if kind == \"stanza\" and not lazy then round_trip(a) end\n"
     "        if defer then later[#out + 1] = show; out[#out + 1] = false else out[#out + 1] = show() end\n"
     "      end\n"
     "    end\n"
@@ -174,6 +222,7 @@ static const char *driver =
     "      return 1 + (seed >> 16) % 64\n"
     "    end\n"
     "  end\n"
+    "  check_escape(data)\n"
     "  local got = run(data, next_size, true)\n"
     "  if got ~= ref then error(\"chunking changed the events:\\n\" .. ref .. \"\\n--\\n\" .. got) end\n"
     "end\n";
