@@ -289,7 +289,8 @@ static size_t xml_utf8_at(lua_State *L, const unsigned char *s, size_t n, size_t
     size_t len;
     /* U+0080..U+07FF (Latin, Greek, Cyrillic, ...): always allowed. */
     if (c >= 0xC2 && c <= 0xDF && i + 1 < n && (s[i + 1] & 0xC0) == 0x80) return 2;
-    /* U+0800..U+FFFD but for surrogates (ED A0..BF) and overlong forms (E0 80..9F). */
+    /* Lead bytes E1..EC: U+1000..U+CFFF, all allowed (E0's overlong forms, ED's surrogates and
+     * EF's U+FFFE/U+FFFF go through utf8_decode below). */
     if (c >= 0xE1 && c <= 0xEC && i + 2 < n && (s[i + 1] & 0xC0) == 0x80 && (s[i + 2] & 0xC0) == 0x80)
         return 3;
     len = utf8_decode(s, n, i, &cp, &err);

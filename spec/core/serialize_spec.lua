@@ -632,7 +632,9 @@ describe("property: random byte strings", function()
     local seed = seed_from_env()
     math.randomseed(seed)
     local pieces = { "&", "<", ">", '"', "'", "\t", "\n", "\r", "é", "ж", "\u{7FF}", "€", "日", "\u{800}",
-      "\u{D7FF}", "\u{E000}", "\u{FFFD}", "😀", "\u{10FFFF}", "\u{FFFE}", "\u{FFFF}", "\u{D800}", "\u{DFFF}" }
+      "\u{D7FF}", "\u{E000}", "\u{FFFD}", "😀", "\u{10FFFF}", "\u{FFFE}", "\u{FFFF}", "\u{D800}", "\u{DFFF}",
+      -- overlong forms and code points past U+10FFFF, refused
+      "\xE0\x80\x80", "\xE0\x9F\xBF", "\xC0\x80", "\xC1\xBF", "\xF0\x8F\xBF\xBF", "\xF4\x90\x80\x80" }
     local accepted, refused = 0, 0
     for _ = 1, 20000 do
       local t = {}
