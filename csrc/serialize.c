@@ -758,19 +758,19 @@ static int ser_escape(lua_State *L) {
     return 1;
 }
 
+/* Sets field `name` of the table on top to `fn` with the walk's keys as upvalues (UV_KNAME...). */
+static void set_walker(lua_State *L, lua_CFunction fn, const char *name) {
+    lua_pushliteral(L, "name");
+    lua_pushliteral(L, "attr");
+    lua_pushliteral(L, "xmlns");
+    lua_pushliteral(L, "__xmppsm_materialize");
+    lua_pushcclosure(L, fn, 4);
+    lua_setfield(L, -2, name);
+}
+
 void xmppsm_open_serialize(lua_State *L) {
-    lua_pushliteral(L, "name");
-    lua_pushliteral(L, "attr");
-    lua_pushliteral(L, "xmlns");
-    lua_pushliteral(L, "__xmppsm_materialize");
-    lua_pushcclosure(L, ser_serialize, 4);
-    lua_setfield(L, -2, "serialize");
-    lua_pushliteral(L, "name");
-    lua_pushliteral(L, "attr");
-    lua_pushliteral(L, "xmlns");
-    lua_pushliteral(L, "__xmppsm_materialize");
-    lua_pushcclosure(L, ser_tostring, 4);
-    lua_setfield(L, -2, "tostring");
+    set_walker(L, ser_serialize, "serialize");
+    set_walker(L, ser_tostring, "tostring");
     lua_pushcfunction(L, ser_escape);
     lua_setfield(L, -2, "escape");
 }
