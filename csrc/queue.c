@@ -312,6 +312,27 @@ static int q_push(lua_State *L) {
     return 1;
 }
 
+/* Takes back the item pushed last, as if it had never been pushed: the undo of a push whose
+ * caller could not complete the step it belonged to (xmppsm.sm, when the store refuses the
+ * stanza). The newest item is the only one no ack can have reached, so only it can go. */
+static int q_unpush(lua_State *L) {
+    queue *q = check_queue(L);
+    size_t idx;
+    if (q->count == 0)
+        return luaL_error(L, "unpush: the queue holds no stanza");
+    idx = (q->head + q->count - 1) & (q->cap - 1);
+    lua_getiuservalue(L, 1, UV_VALUES);
+    lua_pushnil(L);
+    lua_rawseti(L, -2, (lua_Integer)(2 * idx + 1));
+    lua_pushnil(L);
+    lua_rawseti(L, -2, (lua_Integer)(2 * idx + 2));
+    q->bytes -= q->ring[idx].size;
+    q->count--;
+    q->pushed--;
+    q->mods++;
+    return 0;
+}
+
 static int q_ack(lua_State *L) {
     queue *q = check_queue(L);
     uint32_t h = check_counter(L, 2);
@@ -632,6 +653,7 @@ static int l_queue(lua_State *L) {
 
 static const luaL_Reg queue_methods[] = {
     {"push", q_push},
+    {"unpush", q_unpush},
     {"ack", q_ack},
     {"each", q_each},
     {"clear", q_clear},

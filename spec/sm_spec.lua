@@ -6,6 +6,7 @@ local process = require "helpers.process"
 local proxy_helper = require "helpers.proxy"
 local wait = require "helpers.wait"
 local stanza = xmppsm.stanza
+local store = require "xmppsm.store"
 
 local DOMAIN = "xmppsm.test"
 
@@ -137,20 +138,52 @@ describe("stream management against Prosody", function()
     assert.is_true(a:send(st, cb("while offline")))
     online(a)
     wait.until_true(function() return #calls == 1 end, 10, "the first outcome")
-    -- Two copies in flight fill the queue's bytes: the third send fails at once, by itself.
+    -- Two copies in flight fill the queue's bytes: the third send is refused, and so has no
+    -- outcome, while the first two keep theirs.
     assert.is_true(a:send(st, cb("first")))
     assert.is_true(a:send(st, cb("second")))
-    assert.is_true(a:send(st, cb("third")))
-    wait.until_true(function() return #calls == 4 and seen.total == 3 end, 10, "every outcome")
+    local ok, err = a:send(st, cb("third"))
+    assert.is_nil(ok)
+    assert.equal("queue-full", err.condition)
+    wait.until_true(function() return #calls == 3 and seen.total == 3 end, 10, "every outcome")
     table.sort(calls, function(x, y) return x[1] < y[1] end)
     assert.same({
       { "first", true, nil, true },
       { "second", true, nil, true },
-      { "third", false, "queue-full", true },
       { "while offline", true, nil, true },
     }, calls)
     assert.equal(3, seen.same)
     assert.equal(0, a:sm_state().unacked)
+  end)
+
+  it("refuses a stanza its store cannot write, sending nothing, and goes on with the next", function()
+    local saved   -- the last blob the store took
+    local user_store = store.custom{
+      load = function() return nil end,
+      save = function(blob)
+        if blob:find("refuse-me", 1, true) then return nil, "disk full" end
+        saved = blob
+      end,
+    }
+    local a = new_client("alice", nil, { store = user_store }, { presence = false })
+    local b = new_client("bob")
+    local seen = receiver(b)
+    online(b)
+    online(a)
+    local calls = {}
+    local function cb(tag) return function(ok) calls[#calls + 1] = { tag, ok } end end
+    assert.is_true(a:send(msg("bob@" .. DOMAIN, "one"), cb("one")))
+    local ok, err = a:send(msg("bob@" .. DOMAIN, "refuse-me"), cb("refused"))
+    assert.is_nil(ok)
+    assert.equal("store-failed", err.condition)
+    assert.is_true(a:send(msg("bob@" .. DOMAIN, "two"), cb("two")))
+    -- The server counts two stanzas: each ack must settle exactly "one" and "two".
+    wait.until_true(function() return #calls == 2 and seen.total == 2 end, 10, "two outcomes")
+    assert.same({ { "one", true }, { "two", true } }, calls)
+    assert.same({ total = 2, dups = 0, one = 1, two = 1 }, seen)
+    assert.equal(0, a:sm_state().unacked)
+    local restored = store.custom{ load = function() return saved end, save = function() end }
+    assert.same({}, assert(restored:load()).items)
   end)
 
   it("delivers 1,000 messages exactly once through several cuts, each acknowledged once", function()

@@ -194,7 +194,13 @@ function Client:_attempt()
   self.stats.connects = self.stats.connects + 1
   local conn
   conn = connection.new(self.opts, {
-    on_element = function(el, raw) self:_on_element(conn, el, raw) end,
+    -- Runs for every element received: _on_element's work in the closure, one call less.
+    on_element = function(el, raw)
+      if conn ~= self.conn then return end
+      if raw and self.events.handlers.rawIn then self:_raw("rawIn", raw) end
+      if self.neg then return self.neg:deliver(el) end
+      return self:_incoming(el)
+    end,
     on_end = function(err) self:_on_end(conn, err) end,
     -- bytes is false for a stanza parsed before the first rawIn listener came (see wants_raw)
     raw_in = function(bytes) if bytes and self.events.handlers.rawIn then self:_raw("rawIn", bytes) end end,
@@ -224,13 +230,6 @@ end
 function Client:_raw(event, bytes)
   if event == "rawIn" and self.redact_in then bytes = "<!-- SASL payload hidden -->" end
   self.events:fire(event, bytes)
-end
-
-function Client:_on_element(conn, el, raw)
-  if conn ~= self.conn then return end
-  if raw and self.events.handlers.rawIn then self:_raw("rawIn", raw) end
-  if self.neg then return self.neg:deliver(el) end
-  return self:_incoming(el)
 end
 
 function Client:_on_end(conn, err)

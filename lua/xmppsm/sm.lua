@@ -211,25 +211,30 @@ end
 
 -- Sending --------------------------------------------------------------------------------------
 
+local function store_failed(why)
+  return xmperror.new("send", "store-failed", "not stored, not sent: " .. tostring(why))
+end
+
 --- Accepts a stanza for delivery. `cb(ok, err, st)` is its outcome callback (optional).
 -- Returns true, or `nil, err` when it was refused (invalid XML, queue full): then no outcome
 -- follows, because nothing was accepted.
 function SM:send(st, cb)
   local raw, err = serialize(st)
   if not raw then return nil, xmperror.new("send", "invalid-xml", err) end
+  local stamp = gettime()
   local unsent = self.unsent
+  if self.enabled and unsent[1] == nil and self.client.state == "online" then
+    return self:_send_online(raw, st, stamp, cb)
+  end
   if self.queue:count() + #unsent >= self.opts.max_queue then
     return nil, xmperror.new("send", "queue-full",
                              "too many unacknowledged stanzas (" .. self.opts.max_queue .. ")")
   end
-  local stamp = gettime()
   -- Durable before the bytes can reach the socket: a crash after this line loses nothing.
   local store = self.store
   if store then
     local ok, serr = store:queued(raw, stamp)
-    if not ok then
-      return nil, xmperror.new("send", "store-failed", "not stored, not sent: " .. tostring(serr))
-    end
+    if not ok then return nil, store_failed(serr) end
   end
   if self.client.state ~= "online" then
     unsent[#unsent + 1] = { raw = raw, st = st, stamp = stamp, cb = cb }
@@ -238,6 +243,27 @@ function SM:send(st, cb)
   else
     self:_send_unmanaged(raw, st, cb)
   end
+  return true
+end
+
+-- send() on an established stream with nothing waiting before it (nearly every call): the
+-- queue checks its own limits, the store gets the stanza before the socket can, and a store
+-- that refuses it takes it back out of the queue. Refusals return `nil, err` like send().
+function SM:_send_online(raw, st, stamp, cb)
+  local queue = self.queue
+  local seq, _, qerr = queue:push(raw, st, stamp)
+  if not seq then return nil, xmperror.new("send", "queue-full", qerr) end
+  local store = self.store
+  if store then
+    local ok, serr = store:queued(raw, stamp)
+    if not ok then
+      queue:unpush()
+      return nil, store_failed(serr)
+    end
+  end
+  if cb then self.callbacks[seq], self.held[seq] = cb, st end
+  self.client.conn:send_raw(raw)
+  if not self.r_outstanding then self:_ack_policy() end
   return true
 end
 

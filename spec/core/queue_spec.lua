@@ -440,6 +440,52 @@ describe("queue:each", function()
   end)
 end)
 
+describe("queue:unpush", function()
+  it("takes back the newest item as if it had never been pushed", function()
+    local q = core.queue({ max_items = 3 })
+    local o = {}
+    q:push("a", nil, 1)
+    q:push("bb", o, 2)
+    q:unpush()
+    assert.same({ acked = 0, pushed = 1, count = 1, bytes = 1, oldest = 1,
+                  items = { { seq = 1, raw = "a", obj = false, stamp = 1 } } }, state(q))
+    -- the seq is handed out again, and an ack of it releases the new item only
+    assert.equal(2, q:push("c", nil, 3))
+    assert.equal("handled-count-too-high", select(2, q:ack(3)))
+    assert.same({ "a", false, 1, "c", false, 3 }, (q:ack(2)))
+    -- the room it took is free again
+    for i = 1, 3 do q:push("x", nil, i) end
+    assert.equal("queue-full", select(2, q:push("y", nil, 4)))
+    q:unpush()
+    assert.equal(5, q:push("y", nil, 4))
+  end)
+
+  it("works when the ring has wrapped, and across 2^32", function()
+    local q = core.queue()
+    q:set_counter(MAX - 1)
+    for i = 1, 16 do q:push("s" .. i, nil, i) end   -- a full ring of 16
+    q:ack(core.h_add(MAX - 1, 10))                   -- its head moves to slot 10
+    for i = 17, 26 do q:push("s" .. i, nil, i) end  -- the newest ones in slots 0..9
+    q:unpush()
+    q:unpush()
+    assert.equal(core.h_add(MAX - 1, 24), q:pushed())
+    local raws = {}
+    for _, raw in q:each() do raws[#raws + 1] = raw end
+    assert.same({ "s11", "s12", "s13", "s14", "s15", "s16", "s17", "s18", "s19", "s20", "s21",
+                  "s22", "s23", "s24" }, raws)
+    assert.equal(#table.concat(raws), q:bytes())
+  end)
+
+  it("raises on an empty queue, also after clear(), changing nothing", function()
+    local q = core.queue()
+    assert.has_error(function() q:unpush() end, "unpush: the queue holds no stanza")
+    q:push("a", nil, 1)
+    q:clear()
+    assert.has_error(function() q:unpush() end, "unpush: the queue holds no stanza")
+    assert.same({ acked = 0, pushed = 1, count = 0, bytes = 0, items = {} }, state(q))
+  end)
+end)
+
 describe("queue:clear", function()
   it("returns every item, keeps the counters, and still accepts acks for what was sent", function()
     local q = core.queue()
@@ -788,12 +834,22 @@ describe("queue against a model", function()
     local q = core.queue({ max_items = max_items, max_bytes = max_bytes })
     q:set_counter(start)
     local m = model_new(start)
-    local counts = { push = 0, full = 0, ack = 0, high = 0, clear = 0, restore = 0 }
+    local counts = { push = 0, full = 0, ack = 0, high = 0, clear = 0, restore = 0, unpush = 0 }
     for step = 1, steps do
       local ctx = ("seed %d step %d"):format(seed, step)
       local r = math.random(100)
       local outstanding = core.h_diff(m.pushed, m.acked)
-      if r <= 55 then
+      if r <= 5 then
+        if #m.items > 0 then
+          q:unpush()
+          local it = table.remove(m.items)
+          m.bytes = m.bytes - #it.raw
+          m.pushed = core.h_add(m.pushed, -1)
+          counts.unpush = counts.unpush + 1
+        else
+          assert.has_error(function() q:unpush() end, "unpush: the queue holds no stanza")
+        end
+      elseif r <= 55 then
         local raw = string.rep(string.char(math.random(0, 255)), math.random(0, 30))
         local obj = math.random(2) == 1 and {} or nil
         local stamp = step + math.random()
@@ -859,8 +915,8 @@ describe("queue against a model", function()
     return counts
   end
 
-  it("agrees over random push, ack, too-high, clear and restore sequences", function()
-    local total = { push = 0, full = 0, ack = 0, high = 0, clear = 0, restore = 0 }
+  it("agrees over random push, unpush, ack, too-high, clear and restore sequences", function()
+    local total = { push = 0, full = 0, ack = 0, high = 0, clear = 0, restore = 0, unpush = 0 }
     for seed = 1, 40 do
       for k, v in pairs(run(seed, 600)) do
         total[k] = total[k] + v
