@@ -243,13 +243,18 @@ static const char *get_str(const char *r, const char **s, size_t *n) {
     return r + len + 1;
 }
 
-/* Room for `n` more tape bytes; on failure the parser is stopped with the OOM marker. */
-static char *tape_room(parser_t *p, size_t n) {
+/* tape_room when the tape must grow first. */
+static int tape_grow(parser_t *p, size_t n) {
+    if (buf_reserve(&p->tape, n)) return 1;
+    FAIL(p, COND_OOM, "out of memory");
+    return 0;
+}
+
+/* Room for `n` more tape bytes; on failure the parser is stopped with the OOM marker. Every
+ * record is written through here, so the common case (the tape has room) is kept inline. */
+static inline char *tape_room(parser_t *p, size_t n) {
     char *w;
-    if (!buf_reserve(&p->tape, n)) {
-        FAIL(p, COND_OOM, "out of memory");
-        return NULL;
-    }
+    if (n > p->tape.cap - p->tape.len && !tape_grow(p, n)) return NULL;
     w = p->tape.p + p->tape.len;
     p->tape.len += n;
     p->open_text = NO_TEXT;
