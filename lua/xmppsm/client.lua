@@ -194,7 +194,7 @@ function Client:_attempt()
   self.stats.connects = self.stats.connects + 1
   local conn
   conn = connection.new(self.opts, {
-    -- Runs for every element received: _on_element's work in the closure, one call less.
+    -- Runs for every element received, so it routes the element itself (no method call).
     on_element = function(el, raw)
       if conn ~= self.conn then return end
       if raw and self.events.handlers.rawIn then self:_raw("rawIn", raw) end

@@ -216,15 +216,17 @@ local function store_failed(why)
 end
 
 --- Accepts a stanza for delivery. `cb(ok, err, st)` is its outcome callback (optional).
--- Returns true, or `nil, err` when it was refused (invalid XML, queue full): then no outcome
--- follows, because nothing was accepted.
+-- Returns true, or `nil, err` when it was refused (invalid XML, queue full, store failed):
+-- then no outcome follows, because nothing was accepted.
 function SM:send(st, cb)
   local raw, err = serialize(st)
   if not raw then return nil, xmperror.new("send", "invalid-xml", err) end
   local stamp = gettime()
   local unsent = self.unsent
   if self.enabled and unsent[1] == nil and self.client.state == "online" then
-    return self:_send_online(raw, st, stamp, cb)
+    -- Nearly every call: the queue checks its own limits, and the store gets the stanza
+    -- after the queue took it, before the socket can.
+    return self:_write(raw, st, stamp, cb, self.store)
   end
   if self.queue:count() + #unsent >= self.opts.max_queue then
     return nil, xmperror.new("send", "queue-full",
@@ -239,31 +241,10 @@ function SM:send(st, cb)
   if self.client.state ~= "online" then
     unsent[#unsent + 1] = { raw = raw, st = st, stamp = stamp, cb = cb }
   elseif self.enabled then
-    self:_write(raw, st, stamp, cb)
+    self:_write_accepted(raw, st, stamp, cb)
   else
     self:_send_unmanaged(raw, st, cb)
   end
-  return true
-end
-
--- send() on an established stream with nothing waiting before it (nearly every call): the
--- queue checks its own limits, the store gets the stanza before the socket can, and a store
--- that refuses it takes it back out of the queue. Refusals return `nil, err` like send().
-function SM:_send_online(raw, st, stamp, cb)
-  local queue = self.queue
-  local seq, _, qerr = queue:push(raw, st, stamp)
-  if not seq then return nil, xmperror.new("send", "queue-full", qerr) end
-  local store = self.store
-  if store then
-    local ok, serr = store:queued(raw, stamp)
-    if not ok then
-      queue:unpush()
-      return nil, store_failed(serr)
-    end
-  end
-  if cb then self.callbacks[seq], self.held[seq] = cb, st end
-  self.client.conn:send_raw(raw)
-  if not self.r_outstanding then self:_ack_policy() end
   return true
 end
 
@@ -275,16 +256,32 @@ function SM:_send_unmanaged(raw, st, cb)
   self.dirty = true
 end
 
-function SM:_write(raw, st, stamp, cb)
-  local seq, err = self.queue:push(raw, st, stamp)
-  if not seq then
-    -- The byte limit: settle it now rather than hold it forever.
-    return self:_failed(raw, st, xmperror.new("send", "queue-full", tostring(err)), cb)
+-- Queues a stanza and writes it on the stream. With `store`, stores it once queued, and takes it
+-- back out of the queue if the store refuses it. Returns true, or `nil, err` (queue full, store
+-- failed) having sent nothing.
+function SM:_write(raw, st, stamp, cb, store)
+  local queue = self.queue
+  local seq, _, qerr = queue:push(raw, st, stamp)
+  if not seq then return nil, xmperror.new("send", "queue-full", qerr) end
+  if store then
+    local ok, serr = store:queued(raw, stamp)
+    if not ok then
+      queue:unpush()
+      return nil, store_failed(serr)
+    end
   end
   if cb then self.callbacks[seq], self.held[seq] = cb, st end
   self.client.conn:send_raw(raw)
   -- _ack_policy's own first test, here: while an <r/> is out (most sends) it has nothing to do.
   if not self.r_outstanding then self:_ack_policy() end
+  return true
+end
+
+-- _write for a stanza accepted earlier (and stored then): a refusal now is its outcome, since
+-- send() already returned true (the byte limit: settled now rather than held forever).
+function SM:_write_accepted(raw, st, stamp, cb)
+  local ok, err = self:_write(raw, st, stamp, cb)
+  if not ok then self:_failed(raw, st, err, cb) end
 end
 
 -- Ack requests: at most one outstanding; one after a burst of sends (coalesced at the end of
@@ -492,7 +489,7 @@ function SM:online()
   local unsent = self.unsent
   self.unsent = {}
   if self.enabled then
-    for _, item in ipairs(unsent) do self:_write(item.raw, item.st, item.stamp, item.cb) end
+    for _, item in ipairs(unsent) do self:_write_accepted(item.raw, item.st, item.stamp, item.cb) end
   else
     for _, item in ipairs(unsent) do self:_send_unmanaged(item.raw, item.st, item.cb) end
   end
