@@ -137,6 +137,23 @@ describe("client against Prosody", function()
     assert.equal(a:jid(), got[1].attr.from)
   end)
 
+  it("without stream management, sends what was sent offline, then what a status handler sends", function()
+    local a = new_client(server, "alice", { sm = false })
+    local b = start(new_client(server, "bob"))
+    local bodies = {}
+    b:on("message", function(m) bodies[#bodies + 1] = m:get_child_text("body") end)
+    online(b)
+    local function to_bob(body) return stanza.message({ to = "bob@" .. DOMAIN, type = "chat" }, body) end
+    a:on("status", function(new)
+      if new == "online" then assert.is_true(a:send(to_bob("from-status"))) end
+    end)
+    assert.is_true(a:send(to_bob("early1")))
+    assert.is_true(a:send(to_bob("early2")))
+    start(a)
+    wait.until_true(function() return #bodies == 3 end, 10, "3 messages")
+    assert.same({ "early1", "early2", "from-status" }, bodies)
+  end)
+
   it("makes IQ requests by callback and in a coroutine, and times out", function()
     local a = start(new_client(server, "alice"))
     local b = start(new_client(server, "bob"))

@@ -13,7 +13,8 @@ describe("stream management callbacks, by sequence number", function()
       _handler_error = function(_, _, err) error(err) end, _log = function() end,
     }
     local s = sm.new(client, { store = false }, nil)
-    s.enabled, s.r_outstanding = true, true -- no <r/> timers: acks come when the spec says
+    -- Online, and no <r/> timers: acks come when the spec says.
+    s.enabled, s.live, s.r_outstanding = true, true, true
     return s
   end
 

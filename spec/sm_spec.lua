@@ -48,13 +48,15 @@ describe("stream management against Prosody", function()
     wait.until_true(function() return c:status() == "online" end, 10, c.bare_jid .. " online")
   end
 
-  -- Receives messages on `c`, counting each body; returns the table of counts.
+  -- Receives messages on `c`, counting each body; returns the table of counts (and the bodies
+  -- in arrival order, as `order`).
   local function receiver(c)
-    local seen = { total = 0, dups = 0 }
+    local seen = { total = 0, dups = 0, order = {} }
     c:on("message", function(m)
       local body = m:get_child_text("body")
       if body then
         seen.total = seen.total + 1
+        seen.order[#seen.order + 1] = body
         if seen[body] then seen.dups = seen.dups + 1 end
         seen[body] = (seen[body] or 0) + 1
       end
@@ -180,7 +182,7 @@ describe("stream management against Prosody", function()
     -- The server counts two stanzas: each ack must settle exactly "one" and "two".
     wait.until_true(function() return #calls == 2 and seen.total == 2 end, 10, "two outcomes")
     assert.same({ { "one", true }, { "two", true } }, calls)
-    assert.same({ total = 2, dups = 0, one = 1, two = 1 }, seen)
+    assert.same({ total = 2, dups = 0, one = 1, two = 1, order = { "one", "two" } }, seen)
     assert.equal(0, a:sm_state().unacked)
     local restored = store.custom{ load = function() return saved end, save = function() end }
     assert.same({}, assert(restored:load()).items)
@@ -257,6 +259,67 @@ describe("stream management against Prosody", function()
     wait.until_true(function() return rec.count("resumed") == 1 end, 10, "resumption")
     wait.until_true(function() return seen["during-silence"] == 1 end, 5, "the message")
     proxy:stop()
+  end)
+
+  it("sends what a status handler sends on going online after what was accepted before", function()
+    local a, b = new_client("alice"), new_client("bob")
+    local seen = receiver(b)
+    local out = outcomes(a)
+    online(b)
+    a:on("status", function(new)
+      if new == "online" then assert.is_true(a:send(msg("bob@" .. DOMAIN, "from-status"))) end
+    end)
+    for i = 1, 3 do assert.is_true(a:send(msg("bob@" .. DOMAIN, "early" .. i))) end
+    online(a)
+    wait.until_true(function() return out.nacked == 4 and seen.total == 4 end, 10, "4 messages")
+    assert.same({ "early1", "early2", "early3", "from-status" }, seen.order)
+  end)
+
+  it("sends a stanza sent while resuming once, after the re-sent ones", function()
+    local proxy = proxy_helper.start{ target_port = server.port }
+    local a = new_client("alice", proxy.port, { store = false, ack_timeout = 30 })
+    local b = new_client("bob")
+    local seen = receiver(b)
+    local out = outcomes(a)
+    local rec = wait.recorder(a, { "resumed" })
+    online(a) online(b)
+    proxy:silence()
+    a:send(msg("bob@" .. DOMAIN, "in-flight"))          -- written, never reaches the server
+    wait.for_seconds(0.2)
+    -- Sent by a status handler as the session is resumed, before the server's <resumed h/> is
+    -- settled and the queue re-sent.
+    a:on("status", function(new)
+      if new == "online" then assert.is_true(a:send(msg("bob@" .. DOMAIN, "from-status"))) end
+    end)
+    proxy:cut("rst")
+    proxy:resume()
+    wait.until_true(function() return rec.count("resumed") == 1 end, 10, "resumption")
+    wait.until_true(function() return out.nacked == 2 and seen.total >= 2 end, 10, "2 messages")
+    wait.for_seconds(0.3)   -- a duplicate would show up now
+    assert.same({ "in-flight", "from-status" }, seen.order)
+    assert.equal(0, out.dup_acks)
+    assert.equal(0, a:sm_state().unacked)
+    proxy:stop()
+  end)
+
+  it("keeps the order of stanzas an outcome callback sends while the queue drains", function()
+    -- The byte limit fails a stanza accepted offline as it goes out; its callback sends another
+    -- stanza, which must still follow the stanzas accepted before it.
+    local a = new_client("alice", nil, { store = false, max_queue_bytes = 400 })
+    local b = new_client("bob")
+    local seen = receiver(b)
+    online(b)
+    local big = msg("bob@" .. DOMAIN, "big"):tag("pad"):text(string.rep("x", 500)):up()
+    local failed
+    assert.is_true(a:send(big, function(_, err)
+      failed = err
+      assert.is_true(a:send(msg("bob@" .. DOMAIN, "from-callback")))
+    end))
+    assert.is_true(a:send(msg("bob@" .. DOMAIN, "after-big")))
+    online(a)
+    wait.until_true(function() return seen.total == 2 end, 10, "2 messages")
+    assert.equal("queue-full", failed.condition)
+    assert.same({ "after-big", "from-callback" }, seen.order)
   end)
 
   local function expired_session_case(policy)

@@ -380,7 +380,8 @@ function Client:send(st, callback)
   if self.sm then return self.sm:send(st, callback) end
   local raw, err = core.serialize(st)
   if not raw then return nil, xmperror.new("send", "invalid-xml", err) end
-  if self.state ~= "online" then
+  -- Behind stanzas still waiting (a status handler sends before the outbox is flushed).
+  if self.state ~= "online" or self.outbox[1] ~= nil then
     self.outbox[#self.outbox + 1] = st
     return true
   end

@@ -72,6 +72,9 @@ function sm.new(client, given, store)
     callbacks = {},
     held = {},
     enabled = false,       -- SM is on for the current stream
+    -- From the end of online() until the connection ends: send() writes at once only then, so
+    -- nothing a handler sends while the client comes online overtakes what was accepted before.
+    live = false,
     session = nil,         -- { id, location, max, jid } of a resumable session
     inbound = 0,
     r_outstanding = false,
@@ -223,7 +226,8 @@ function SM:send(st, cb)
   if not raw then return nil, xmperror.new("send", "invalid-xml", err) end
   local stamp = gettime()
   local unsent = self.unsent
-  if self.enabled and unsent[1] == nil and self.client.state == "online" then
+  local live = self.live and self.client.state == "online"
+  if live and self.enabled and unsent[1] == nil then
     -- Nearly every call: the queue checks its own limits, and the store gets the stanza
     -- after the queue took it, before the socket can.
     return self:_write(raw, st, stamp, cb, self.store)
@@ -238,7 +242,7 @@ function SM:send(st, cb)
     local ok, serr = store:queued(raw, stamp)
     if not ok then return nil, store_failed(serr) end
   end
-  if self.client.state ~= "online" then
+  if not live then
     unsent[#unsent + 1] = { raw = raw, st = st, stamp = stamp, cb = cb }
   elseif self.enabled then
     self:_write_accepted(raw, st, stamp, cb)
@@ -486,13 +490,18 @@ function SM:online()
     self.stats.resent = self.stats.resent + #pending
     if #pending > 0 then self:_ack_policy() end
   end
-  local unsent = self.unsent
-  self.unsent = {}
-  if self.enabled then
-    for _, item in ipairs(unsent) do self:_write_accepted(item.raw, item.st, item.stamp, item.cb) end
-  else
-    for _, item in ipairs(unsent) do self:_send_unmanaged(item.raw, item.st, item.cb) end
+  -- What a handler sends meanwhile (an outcome callback here, a status handler before) joins
+  -- the end of `unsent` and goes out in turn.
+  while self.unsent[1] ~= nil do
+    local unsent = self.unsent
+    self.unsent = {}
+    if self.enabled then
+      for _, item in ipairs(unsent) do self:_write_accepted(item.raw, item.st, item.stamp, item.cb) end
+    else
+      for _, item in ipairs(unsent) do self:_send_unmanaged(item.raw, item.st, item.cb) end
+    end
   end
+  self.live = true
   if self.dirty then self:_persist_all() end
   if self.enabled then self:_start_idle_timer() end
   if resumed then self.client.events:fire("resumed") end
@@ -525,6 +534,7 @@ end
 --- The connection ended: stop timers; keep everything for resumption.
 function SM:disconnected()
   self.enabled = false
+  self.live = false
   self.r_outstanding = false
   if self.ack_timer then self.ack_timer:cancel() self.ack_timer = nil end
   if self.idle_timer then self.idle_timer:cancel() self.idle_timer = nil end
