@@ -931,6 +931,17 @@ static size_t find_slot(block_t *k, const void *el) {
     return k->n;
 }
 
+/* The block at `idx` (what a lazy element holds under LAZY_KEY), checked. */
+static block_t *check_block(lua_State *L, int idx) {
+    block_t *k = lua_touserdata(L, idx);
+    size_t size = lua_rawlen(L, idx);
+    if (k == NULL || size < sizeof *k || k->magic != BLOCK_MAGIC ||
+        k->max > (size - sizeof *k) / sizeof(slot_t) || size != sizeof *k + k->max * sizeof(slot_t) + k->len ||
+        k->n > k->max)
+        luaL_error(L, "xmppsm.parser: corrupt lazy element");
+    return k;
+}
+
 /* Pushes the block of the lazy element at `idx` and fills `z`; or pushes nothing and returns 0
  * when the element holds none (it was materialized). The block must stay on the stack while it
  * is read: the element may drop it. */
@@ -939,7 +950,7 @@ static int lazy_data(lua_State *L, int idx, lazy_t *z) {
     const char *recs, *r;
     const void *el = lua_topointer(L, idx);
     uint64_t rel;
-    size_t i, off, size;
+    size_t i, off;
     uint32_t nchild;
     build_t b;
     level_t lv[1];
@@ -947,11 +958,7 @@ static int lazy_data(lua_State *L, int idx, lazy_t *z) {
         lua_pop(L, 1);
         return 0;
     }
-    k = lua_touserdata(L, -1);
-    size = lua_rawlen(L, -1);
-    if (size < sizeof *k || k->magic != BLOCK_MAGIC || k->max > (size - sizeof *k) / sizeof(slot_t) ||
-        size != sizeof *k + k->max * sizeof(slot_t) + k->len || k->n > k->max)
-        luaL_error(L, "xmppsm.parser: corrupt lazy element");
+    k = check_block(L, -1);
     i = find_slot(k, el);
     if (i == k->n) luaL_error(L, "xmppsm.parser: corrupt lazy element"); /* not one of its stanzas */
     recs = block_records(k);
@@ -1259,6 +1266,39 @@ static int l_materialize(lua_State *L) {
     }
     lua_settop(L, 1);
     return 1;
+}
+
+/* core.adopt(to, from): the table `to` takes over all that `from` holds (its fields, its
+ * metatable and, when `from` is a lazy element, its place among its block's stanzas), so that
+ * `to` is that element from then on; `from` is left an empty plain table. A field both have
+ * takes `from`'s value. xmppsm.stanza's read-back stanzas become the element parsed from
+ * their bytes this way, lazy as it is: nothing is built. */
+static int l_adopt(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_settop(L, 2);
+    if (lua_rawequal(L, 1, 2)) return 0;
+    if (lua_rawgetp(L, 2, &LAZY_KEY) == LUA_TUSERDATA) {
+        block_t *k = check_block(L, 3);
+        size_t i = find_slot(k, lua_topointer(L, 2));
+        if (i == k->n) luaL_error(L, "xmppsm.parser: corrupt lazy element");
+        block_slots(k)[i].el = lua_topointer(L, 1);
+    }
+    lua_settop(L, 2);
+    lua_pushnil(L);
+    while (lua_next(L, 2)) { /* key value: to[key] = value, from[key] = nil */
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, 1);
+        lua_pushvalue(L, -1);
+        lua_pushnil(L);
+        lua_rawset(L, 2); /* clearing the current key is allowed while traversing */
+    }
+    if (!lua_getmetatable(L, 2)) lua_pushnil(L);
+    lua_setmetatable(L, 1);
+    lua_pushnil(L);
+    lua_setmetatable(L, 2);
+    return 0;
 }
 
 /* n = core._materialized(): how many lazy elements have been materialized (a test hook). */
@@ -1832,6 +1872,8 @@ void xmppsm_open_parser(lua_State *L) {
     lua_setfield(L, -2, "parser");
     lua_pushcfunction(L, l_materialize);
     lua_setfield(L, -2, "materialize");
+    lua_pushcfunction(L, l_adopt);
+    lua_setfield(L, -2, "adopt");
     lua_pushcfunction(L, l_materialized);
     lua_setfield(L, -2, "_materialized");
     lua_pushcfunction(L, l_lazy_child_text);

@@ -33,7 +33,30 @@ describe("stream management callbacks, by sequence number", function()
     assert.is_true(s:_handle_h("4", "<a/>"))
     assert.same({ { true, "c" }, { true, "d" } }, got)
     assert.is_nil(next(s.callbacks))
-    assert.is_nil(next(s.held))
+  end)
+
+  it("do not keep a stanza the program forgot: its outcome reads it back from the bytes", function()
+    local s = new_sm()
+    s.queue:set_counter(0)
+    local kept = stanza.message({ to = "a@b" }, "kept")
+    local probe = setmetatable({}, { __mode = "k" })
+    local got = {}
+    local function cb(ok, _, st) got[#got + 1] = { ok, st } end
+    s:send(kept, cb)
+    do
+      local forgotten = stanza.message({ to = "a@b" }, "forgotten")
+      probe[forgotten] = true
+      s:send(forgotten, cb)
+    end
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(next(probe)) -- unacknowledged, with a callback, and collected
+    assert.is_true(s:_handle_h("2", "<a/>"))
+    assert.equal(2, #got)
+    assert.equal(kept, got[1][2]) -- still referred to: the very object
+    assert.is_true(got[2][1])
+    assert.equal("forgotten", got[2][2]:get_child_text("body"))
+    assert.equal("a@b", got[2][2].attr.to)
   end)
 
   it("wrap around 2^32 with the counters", function()

@@ -63,14 +63,12 @@ function sm.new(client, given, store)
     client = client,
     opts = o,
     -- Weak objects: an unacknowledged stanza costs its bytes, not also a table the program
-    -- has forgotten (outcome events then get it parsed back from the bytes).
+    -- has forgotten (its outcome then gets it read back from the bytes).
     queue = core.queue{ max_items = o.max_queue, max_bytes = o.max_queue_bytes, weak_objects = true },
     unsent = {},           -- { raw=, st=, stamp=, cb= } in send order
-    -- A queued stanza's outcome callback and its stanza, by the item's sequence number: one per
-    -- send, even when one stanza object is sent twice. The stanza is held so the callback gets
-    -- the very table that was sent (the queue holds it weakly).
+    -- A queued stanza's outcome callback, by the item's sequence number: one per send, even
+    -- when one stanza object is sent twice.
     callbacks = {},
-    held = {},
     enabled = false,       -- SM is on for the current stream
     -- From the end of online() until the connection ends: send() writes at once only then, so
     -- nothing a handler sends while the client comes online overtakes what was accepted before.
@@ -121,8 +119,7 @@ end
 
 -- The stanza object of a queue item; items restored from the store carry only bytes.
 local function object_of(raw, obj)
-  if obj then return obj end
-  return stanza.parse(raw)
+  return obj or stanza.read_back(raw)
 end
 
 -- The number just before the oldest item `q` holds (ack and clear hand out items base + 1,
@@ -135,29 +132,26 @@ end
 -- Takes the outcome callback of the queue item numbered `seq` (nil when it has none).
 function SM:_take_callback(seq)
   local cb = self.callbacks[seq]
-  if cb then
-    self.callbacks[seq] = nil
-    self.held[seq] = nil
-  end
+  if cb then self.callbacks[seq] = nil end
   return cb
 end
 
 -- Settles the first `n` items of an ack's result (raw, obj, stamp each) as acknowledged; the
 -- first of them is numbered `base` + 1.
 -- Runs for every acknowledged stanza: the lookups are made once per batch, and events nobody
--- listens to cost a table lookup, not a call (nor a re-parse of a stanza restored from the store).
+-- listens to cost a table lookup, not a call (nor a read-back stanza for a forgotten one).
 function SM:_acked(items, n, base)
-  local callbacks, held, stats = self.callbacks, self.held, self.stats
+  local callbacks, stats = self.callbacks, self.stats
   local events = self.client.events
   local listeners = events.handlers   -- the same table for the emitter's life
   for i = 1, n do
     local raw, obj = items[3 * i - 2], items[3 * i - 1]
     local seq = (base + i) & 0xFFFFFFFF
     local cb = callbacks[seq]
-    if cb then callbacks[seq], held[seq] = nil, nil end
+    if cb then callbacks[seq] = nil end
     stats.acked = stats.acked + 1   -- per item: a callback below may read sm_state()
     local st = obj
-    if not st and (listeners.ackedStanza or listeners.ack or cb) then st = object_of(raw) end
+    if not st and (listeners.ackedStanza or listeners.ack or cb) then st = stanza.read_back(raw) end
     if listeners.ackedStanza then events:fire("ackedStanza", st) end
     if listeners.ackedRaw then events:fire("ackedRaw", raw) end
     if listeners.ack then events:fire("ack", st) end
@@ -274,7 +268,7 @@ function SM:_write(raw, st, stamp, cb, store)
       return nil, store_failed(serr)
     end
   end
-  if cb then self.callbacks[seq], self.held[seq] = cb, st end
+  if cb then self.callbacks[seq] = cb end
   self.client.conn:send_raw(raw)
   -- _ack_policy's own first test, here: while an <r/> is out (most sends) it has nothing to do.
   if not self.r_outstanding then self:_ack_policy() end

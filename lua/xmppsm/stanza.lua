@@ -446,6 +446,54 @@ function stanza.parse(xml)
   return nil, "incomplete stanza"
 end
 
+-- Read-back stanzas: what outcome events and callbacks get for a sent stanza the program no
+-- longer refers to. Most outcome handlers only count, so the bytes are parsed on first use,
+-- not before: until then the element is `{ name = ..., [RAW] = bytes }`, which keeps the lazy
+-- element contract (docs/core.md: `name` is there, the rest comes on first use). Parsed, it
+-- becomes the parser's lazy element itself (core.adopt), so reading one child builds nothing.
+local RAW = {} -- private key: the bytes of a stanza not read back yet
+local read_back_mt = { __name = "xmppsm.stanza", __xmppsm_stanza_mt = stanza_mt }
+
+local function read_back(el)
+  local raw = rawget(el, RAW)
+  if raw == nil then return end
+  local parsed, err = stanza.parse(raw)
+  if not parsed then error("xmppsm: cannot read back a sent stanza: " .. tostring(err), 3) end
+  rawset(el, RAW, nil)
+  core.adopt(el, parsed)
+end
+
+function read_back_mt.__index(el, k)
+  read_back(el)
+  return el[k]
+end
+function read_back_mt.__newindex(el, k, v)
+  read_back(el)
+  el[k] = v
+end
+function read_back_mt.__len(el)
+  read_back(el)
+  return #el
+end
+function read_back_mt.__pairs(el)
+  read_back(el)
+  return pairs(el)
+end
+function read_back_mt.__tostring(el)
+  return rawget(el, RAW) or tostring(el)
+end
+function read_back_mt.__xmppsm_materialize(el)
+  read_back(el)
+  materialize(el)
+end
+
+--- A stanza equal to `stanza.parse(raw)`, parsed on first use: for bytes this library
+-- serialized (a queued stanza's), which parse back. Its `name` is there at once.
+-- @tparam string raw a serialized stanza
+function stanza.read_back(raw)
+  return setmetatable({ name = raw:match("^<([^%s/>]+)"), [RAW] = raw }, read_back_mt)
+end
+
 -- `message(attr, body)` builds its two elements *compact*: without the tables nobody may read
 -- (the body's `attr`, both `tags` lists), which cost more than the rest of the message to make.
 -- The first read of a field that is not there fills them in (`attr = {}`, `tags` from the

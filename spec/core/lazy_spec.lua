@@ -516,6 +516,49 @@ describe("xmppsm.core parser, lazy elements", function()
     assert.is_nil(getmetatable(m[1]))
   end)
 
+  it("adopt: a table takes over a lazy element, its place in the block and its metatable", function()
+    local p = core.parser { lazy = true, stanza_mt = stanza.metatable }
+    p:feed(HDR)
+    local parts = {}
+    for i = 1, 5 do parts[i] = ("<message id='%d'><body>b%d</body></message>"):format(i, i) end
+    local ev = p:feed(table.concat(parts)) -- one block for the five
+    local eager = events({ lazy = false, stanza_mt = stanza.metatable }, HDR .. table.concat(parts))
+    local before = core._materialized()
+    local from, lazy_mt = ev[3 * 3 - 1], getmetatable(ev[3 * 3 - 1])
+    local to = { name = "message" }
+    core.adopt(to, from)
+    -- `from` is an empty plain table; `to` is the third stanza, still lazy
+    assert.is_nil(next(from))
+    assert.is_nil(getmetatable(from))
+    assert.equal(lazy_mt, getmetatable(to))
+    assert.is_nil(rawget(to, "attr"))
+    assert.equal("3", to.attr.id)
+    assert.equal("b3", to:get_child_text("body"))
+    assert.equal(before, core._materialized())
+    -- its neighbours in the block are found as before
+    assert.equal("b2", ev[3 * 2 - 1]:get_child_text("body"))
+    assert.equal("b4", ev[3 * 4 - 1]:get_child_text("body"))
+    core.materialize(to)
+    assert.is_nil(differ(eager[1 + 3].a, to, "")) -- eager[1] is the header
+    -- an element whose attr was built, or a materialized one, moves with what it has
+    local read = ev[3 * 5 - 1]
+    assert.equal("5", read.attr.id)
+    local to5 = {}
+    core.adopt(to5, read)
+    assert.equal("5", rawget(to5, "attr").id)
+    core.materialize(to5)
+    assert.is_nil(differ(eager[1 + 5].a, to5, ""))
+    local again = {}
+    core.adopt(again, to5)
+    assert.is_nil(differ(eager[1 + 5].a, again, ""))
+    assert.is_nil(next(to5))
+    -- adopting itself changes nothing; non-tables are refused
+    core.adopt(again, again)
+    assert.is_nil(differ(eager[1 + 5].a, again, ""))
+    assert.has_error(function() core.adopt(again, "x") end)
+    assert.has_error(function() core.adopt(nil, {}) end)
+  end)
+
   it("materializes deep stanzas (more levels than fit on the C stack array)", function()
     local depth = 40
     local s = ("<a>"):rep(depth) .. "t" .. ("</a>"):rep(depth)

@@ -352,6 +352,47 @@ describe("xmppsm.stanza", function()
       assert.has_error(function() stanza.clone("x") end)
     end)
 
+    it("read_back: the stanza of its bytes, parsed on first use, name there at once", function()
+      local sent = stanza.message({ to = "a@b", type = "chat" }, "x < y"):tag("c", { xmlns = "urn:x" }):up()
+      local raw = tostring(sent)
+      -- the bytes are not parsed until used: broken ones fail only then
+      local broken = stanza.read_back("<message><body>")
+      assert.equal("message", broken.name)
+      assert.is_true(stanza.is_stanza(broken))
+      assert.has_error(function() return broken.attr end,
+                       "xmppsm: cannot read back a sent stanza: incomplete stanza")
+      -- name, tostring (the bytes themselves) and is_stanza read nothing
+      local el = stanza.read_back(raw)
+      assert.equal("message", rawget(el, "name"))
+      assert.equal(raw, tostring(el))
+      assert.is_nil(rawget(el, "attr"))
+      -- every other use reads it back; it then equals the stanza sent, and is a stanza like any
+      local function uses(e) return e.attr.to, e:get_child_text("body"), #e, e:get_child("c", "urn:x") end
+      local to, body, n, c = uses(stanza.read_back(raw))
+      assert.same({ "a@b", "x < y", 2 }, { to, body, n })
+      assert.is_table(c)
+      assert.is_true(stanza_equal.equal(sent, el))
+      assert.equal(raw, tostring(el))
+      local function reads(f) local e = stanza.read_back(raw) f(e) return e end
+      for _, f in ipairs {
+        function(e) assert.equal(2, #e) end,
+        function(e) local k = 0 for _ in pairs(e) do k = k + 1 end assert.is_true(k >= 4) end,
+        function(e) e.extra = 1 assert.equal(1, rawget(e, "extra")) e.extra = nil end,
+        function(e) assert.equal(raw, core.serialize(e)) end,
+        function(e) core.materialize(e) assert.equal("body", rawget(e, 1).name) end,
+        function(e) assert.is_true(stanza_equal.equal(sent, stanza.clone(e))) end,
+        function(e)
+          assert.equal(raw, tostring(stanza.message():add_child(e)):match("<message>(.*)</message>"))
+        end,
+      } do
+        local e = reads(f)
+        assert.is_true(stanza_equal.equal(sent, e))
+        assert.is_true(keys_ok(e))
+        assert.is_nil(stanza_equal.check_tags(e))
+      end
+      assert.equal("iq", stanza.read_back("<iq type='get' id='1'/>").name)
+    end)
+
     it("is_stanza and the metatable", function()
       assert.is_true(stanza.is_stanza(stanza.message()))
       assert.is_false(stanza.is_stanza({ name = "message", attr = {} }))
