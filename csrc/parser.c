@@ -1725,6 +1725,16 @@ static int l_state(lua_State *L) {
     return 1;
 }
 
+/* p:idle(): the stream is open and every byte fed so far is part of a stanza already reported
+ * (nothing half-parsed is pending), so the next bytes fed start a new top-level element.
+ * stanza.parse keeps one parser open across its calls while this holds. */
+static int l_idle(lua_State *L) {
+    parser_t *p = check_parser(L);
+    lua_pushboolean(L, p->state == ST_OPEN && p->depth == 1 && p->consumed == p->fed &&
+                           p->fed == raw_end(p));
+    return 1;
+}
+
 /* p:set_raw(keep): whether stanza events carry their raw bytes (the default) or false. A client
  * nobody logs the traffic of makes no string per stanza received. */
 static int l_set_raw(lua_State *L) {
@@ -1849,7 +1859,7 @@ static int l_parser(lua_State *L) {
 }
 
 static const luaL_Reg parser_methods[] = {
-    {"reset", l_reset}, {"state", l_state}, {"set_raw", l_set_raw}, {"close", l_close}, {NULL, NULL}};
+    {"reset", l_reset}, {"state", l_state}, {"idle", l_idle}, {"set_raw", l_set_raw}, {"close", l_close}, {NULL, NULL}};
 
 static const luaL_Reg parser_meta[] = {
     {"__gc", l_close}, {"__close", l_close}, {"__tostring", l_tostring}, {NULL, NULL}};

@@ -60,8 +60,15 @@ local cursors = setmetatable({}, { __mode = "k" })
 -- because elements built in a row then lie closer together in memory.
 local spare_cursor
 
+-- Read-back stanzas (see stanza.read_back): their bytes, under a private key, until first use.
+local RAW = {}
+local read_back_mt = { __name = "xmppsm.stanza", __xmppsm_stanza_mt = stanza_mt }
+local read_back -- (below) parses a read-back stanza's bytes into it
+
 local function is_element(x)
-  return type(x) == "table" and type(rawget(x, "name")) == "string"
+  if type(x) ~= "table" then return false end
+  if rawget(x, RAW) ~= nil then read_back(x) end
+  return type(rawget(x, "name")) == "string"
 end
 
 local function new_element(name, attr, level)
@@ -428,33 +435,40 @@ local STREAM_OPEN = "<stream:stream xmlns='jabber:client' xmlns:stream='http://e
 --- Parses one serialized stanza (in the `jabber:client` namespace, as `tostring` gives it)
 -- back into a stanza. Returns it, or `nil, err`.
 -- @tparam string xml
-local reparser -- one parser for every call, reset after each: creating one costs ~10 us
+-- One parser for every call, and one stream: the header is parsed once (creating a parser
+-- costs ~10 us, and parsing the header and resetting cost more than a small stanza does). The
+-- stream is reset only after a call that leaves anything but exactly one complete stanza.
+local reparser
 function stanza.parse(xml)
   if type(xml) ~= "string" then error("parse: expected a string, got " .. type(xml), 2) end
   if not reparser then
     reparser = core.parser{ stanza_mt = stanza_mt }
     reparser:set_raw(false)   -- only the element is returned
   end
-  reparser:feed(STREAM_OPEN)
+  if reparser:state() ~= "open" then reparser:feed(STREAM_OPEN) end
   local events, n = reparser:feed(xml)
-  reparser:reset()
+  local el, err = nil, "incomplete stanza"
   for i = 1, n do
     local kind = events[3 * i - 2]
-    if kind == "stanza" then return events[3 * i - 1] end
-    if kind == "error" then return nil, events[3 * i] end
+    if kind == "stanza" then
+      el, err = events[3 * i - 1], nil
+      break
+    end
+    if kind == "error" then
+      err = events[3 * i]
+      break
+    end
   end
-  return nil, "incomplete stanza"
+  if n ~= 1 or not reparser:idle() then reparser:reset() end
+  return el, err
 end
 
 -- Read-back stanzas: what outcome events and callbacks get for a sent stanza the program no
--- longer refers to. Most outcome handlers only count, so the bytes are parsed on first use,
--- not before: until then the element is `{ name = ..., [RAW] = bytes }`, which keeps the lazy
--- element contract (docs/core.md: `name` is there, the rest comes on first use). Parsed, it
--- becomes the parser's lazy element itself (core.adopt), so reading one child builds nothing.
-local RAW = {} -- private key: the bytes of a stanza not read back yet
-local read_back_mt = { __name = "xmppsm.stanza", __xmppsm_stanza_mt = stanza_mt }
-
-local function read_back(el)
+-- longer refers to. Most outcome handlers only count, so the bytes are parsed on first use
+-- (of anything, `name` included), not before: until then the element is `{ [RAW] = bytes }`.
+-- Parsed, it becomes the parser's lazy element itself (core.adopt), so reading one child then
+-- builds nothing.
+function read_back(el)
   local raw = rawget(el, RAW)
   if raw == nil then return end
   local parsed, err = stanza.parse(raw)
@@ -488,10 +502,10 @@ function read_back_mt.__xmppsm_materialize(el)
 end
 
 --- A stanza equal to `stanza.parse(raw)`, parsed on first use: for bytes this library
--- serialized (a queued stanza's), which parse back. Its `name` is there at once.
+-- serialized (a queued stanza's), which parse back. `tostring` gives the bytes unparsed.
 -- @tparam string raw a serialized stanza
 function stanza.read_back(raw)
-  return setmetatable({ name = raw:match("^<([^%s/>]+)"), [RAW] = raw }, read_back_mt)
+  return setmetatable({ [RAW] = raw }, read_back_mt)
 end
 
 -- `message(attr, body)` builds its two elements *compact*: without the tables nobody may read

@@ -302,6 +302,36 @@ describe("xmppsm.core parser (lazy = " .. tostring(lazy) .. ")", function()
       assert.equal("open", p:state())
     end)
 
+    it("is idle when open with every byte fed part of a stanza reported", function()
+      local p = new_parser()
+      assert.is_false(p:idle())               -- no header yet
+      feed(p, "<?xml version='1.0'?>")
+      assert.is_false(p:idle())
+      feed(p, HDR)
+      assert.is_true(p:idle())
+      for _, step in ipairs {
+        { "<message to='a'>", false }, { "<body>hi</body>", false }, { "</message>", true },
+        { " \n ", true },                      -- whitespace between stanzas
+        { "<iq", false }, { " type='get'/", false }, { ">", true },
+        { "<a/><b", false }, { "/>", true },
+      } do
+        feed(p, step[1])
+        assert.equal(step[2], p:idle(), step[1])
+      end
+      local paused = new_parser()
+      feed(paused, HDR .. "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+      assert.equal("paused", paused:state())
+      assert.is_false(paused:idle())
+      feed(p, CLOSE)
+      assert.is_false(p:idle())               -- closed
+      local failed = new_parser()
+      feed(failed, HDR .. "<a></b>")
+      assert.is_false(failed:idle())
+      failed:reset()
+      feed(failed, HDR)
+      assert.is_true(failed:idle())
+    end)
+
     it("accepts a UTF-8 byte-order mark and encoding='utf-8', kept in the header's raw bytes", function()
       local head = "\239\187\191<?xml version='1.0' encoding='utf-8'?>\n" .. HDR
       local p = new_parser()
