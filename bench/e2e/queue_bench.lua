@@ -5,7 +5,8 @@
 -- For each stanza size and count: the client's Lua heap and resident memory with that many
 -- stanzas sent and unacknowledged (per stanza, beyond what was there before); the cost of
 -- re-sending them all after a cut and a resumption (h=0); the cost of releasing them with one
--- <a/>. Then the store: each durability mode, the cost of persisting a stanza (client:send()
+-- <a/>; for the smallest size, the same again with an outcome callback per send. Then the
+-- store: each durability mode, the cost of persisting a stanza (client:send()
 -- end to end, and Store:queued() alone). Prints RESULT lines.
 --
 --   lua5.4 bench/e2e/queue_bench.lua dir=/tmp/x [sizes=100,1000,10000] [counts=1000,10000,100000]
@@ -168,70 +169,87 @@ local function close_client(c)
   wait_for(function() return c:status() == "closed" end, 30, "close")
 end
 
+-- `count` stanzas of about `size` bytes sent and left unacknowledged; with `callbacks`, each
+-- send has an outcome callback of its own (a closure, as an application capturing its context
+-- makes one).
+local function measure(size, count, callbacks)
+  io.stderr:write(string.format("queue: %d stanzas of %d bytes%s\n", count, size,
+                                callbacks and ", callbacks" or ""))
+  local c = new_client("write", count + 10)
+  local acked = 0
+  -- ackedRaw: the outcome as bytes, without a stanza object.
+  c:on("ackedRaw", function() acked = acked + 1 end)
+  local called = 0
+  c:connect()
+  wait_for(function()
+    return c:status() == "online" and server.current and server.current.phase == "sink"
+  end, 10, "online")
+  local sink = server.current
+  local heap0, rss0 = lua_kib(), common.status_kib("VmRSS")
+  local cpu0, t0 = os.clock(), now()
+  local i = 0
+  while i < count do
+    for _ = 1, math.min(1000, count - i) do
+      i = i + 1
+      if callbacks then
+        local n = i
+        assert(c:send(make(size, i), function(ok) if ok and n > 0 then called = called + 1 end end))
+      else
+        assert(c:send(make(size, i)))
+      end
+    end
+    loop.step(0)
+  end
+  local send_cpu, send_wall = os.clock() - cpu0, now() - t0
+  local bytes = c:sm_state().unacked_bytes
+  wait_for(function() return sink.sunk >= bytes end, 120, "the sink to take every stanza")
+  local heap1, rss1 = lua_kib(), common.status_kib("VmRSS")
+  local st = c:sm_state()
+  assert(st.unacked == count, "unacked " .. st.unacked)
+  local raw_size = bytes / count
+
+  -- Re-sending after a resumption: the server drops the link, the client resumes (h=0)
+  -- and sends everything again, each message with a <delay/>.
+  local resumed = false
+  c:on("resumed", function() resumed = true end)
+  local sessions = #server.conns
+  cpu0, t0 = os.clock(), now()
+  sink.close()
+  wait_for(function() return #server.conns > sessions and server.current.phase == "sink" end, 30,
+           "resume")
+  local again = server.current
+  wait_for(function() return resumed and again.sunk >= bytes end, 300, "the re-sent stanzas")
+  local resend_cpu, resend_wall = os.clock() - cpu0, now() - t0
+
+  -- One <a/> for all of them.
+  cpu0, t0 = os.clock(), now()
+  again.send("<a xmlns='urn:xmpp:sm:3' h='" .. count .. "'/>")
+  wait_for(function() return acked == count end, 300, "the acknowledgements")
+  assert(called == (callbacks and count or 0), "callbacks called " .. called)
+  local ack_cpu, ack_wall = os.clock() - cpu0, now() - t0
+
+  common.result{
+    kind = "queue", nominal = size, size = raw_size, count = count, callbacks = callbacks,
+    heap_per_stanza = (heap1 - heap0) * 1024 / count,
+    rss_per_stanza = (rss1 - rss0) * 1024 / count,
+    overhead_per_stanza = (heap1 - heap0) * 1024 / count - raw_size,
+    send_us = send_cpu / count * 1e6, send_wall_us = send_wall / count * 1e6,
+    resend_us = resend_cpu / count * 1e6, resend_wall_us = resend_wall / count * 1e6,
+    ack_us = ack_cpu / count * 1e6, ack_wall_us = ack_wall / count * 1e6,
+  }
+  close_client(c)
+  collectgarbage()
+end
+
 for _, size in ipairs(SIZES) do
   for _, count in ipairs(COUNTS) do
-    if size * count <= MAX_BYTES then
-      io.stderr:write(string.format("queue: %d stanzas of %d bytes\n", count, size))
-      local c = new_client("write", count + 10)
-      local acked = 0
-      -- ackedRaw: the outcome without a stanza object (ackedStanza would parse each forgotten
-      -- stanza back from its bytes: a few microseconds more per acknowledgement).
-      c:on("ackedRaw", function() acked = acked + 1 end)
-      c:connect()
-      wait_for(function()
-        return c:status() == "online" and server.current and server.current.phase == "sink"
-      end, 10, "online")
-      local sink = server.current
-      local heap0, rss0 = lua_kib(), common.status_kib("VmRSS")
-      local cpu0, t0 = os.clock(), now()
-      local i = 0
-      while i < count do
-        for _ = 1, math.min(1000, count - i) do
-          i = i + 1
-          assert(c:send(make(size, i)))
-        end
-        loop.step(0)
-      end
-      local send_cpu, send_wall = os.clock() - cpu0, now() - t0
-      local bytes = c:sm_state().unacked_bytes
-      wait_for(function() return sink.sunk >= bytes end, 120, "the sink to take every stanza")
-      local heap1, rss1 = lua_kib(), common.status_kib("VmRSS")
-      local st = c:sm_state()
-      assert(st.unacked == count, "unacked " .. st.unacked)
-      local raw_size = bytes / count
-
-      -- Re-sending after a resumption: the server drops the link, the client resumes (h=0)
-      -- and sends everything again, each message with a <delay/>.
-      local resumed = false
-      c:on("resumed", function() resumed = true end)
-      local sessions = #server.conns
-      cpu0, t0 = os.clock(), now()
-      sink.close()
-      wait_for(function() return #server.conns > sessions and server.current.phase == "sink" end, 30,
-               "resume")
-      local again = server.current
-      wait_for(function() return resumed and again.sunk >= bytes end, 300, "the re-sent stanzas")
-      local resend_cpu, resend_wall = os.clock() - cpu0, now() - t0
-
-      -- One <a/> for all of them.
-      cpu0, t0 = os.clock(), now()
-      again.send("<a xmlns='urn:xmpp:sm:3' h='" .. count .. "'/>")
-      wait_for(function() return acked == count end, 300, "the acknowledgements")
-      local ack_cpu, ack_wall = os.clock() - cpu0, now() - t0
-
-      common.result{
-        kind = "queue", nominal = size, size = raw_size, count = count,
-        heap_per_stanza = (heap1 - heap0) * 1024 / count,
-        rss_per_stanza = (rss1 - rss0) * 1024 / count,
-        overhead_per_stanza = (heap1 - heap0) * 1024 / count - raw_size,
-        send_us = send_cpu / count * 1e6, send_wall_us = send_wall / count * 1e6,
-        resend_us = resend_cpu / count * 1e6, resend_wall_us = resend_wall / count * 1e6,
-        ack_us = ack_cpu / count * 1e6, ack_wall_us = ack_wall / count * 1e6,
-      }
-      close_client(c)
-      collectgarbage()
-    end
+    if size * count <= MAX_BYTES then measure(size, count, false) end
   end
+end
+-- The same with a callback per send, for the smallest stanzas (where the callback's share is
+-- the largest).
+for _, count in ipairs(COUNTS) do
+  if SIZES[1] * count <= MAX_BYTES then measure(SIZES[1], count, true) end
 end
 
 -- Persisting: client:send() with each durability mode (the store's record is written before
