@@ -473,8 +473,8 @@ function read_back(el)
   if raw == nil then return end
   local parsed, err = stanza.parse(raw)
   if not parsed then error("xmppsm: cannot read back a sent stanza: " .. tostring(err), 3) end
+  core.adopt(el, parsed)   -- the bytes go only once it succeeded
   rawset(el, RAW, nil)
-  core.adopt(el, parsed)
 end
 
 function read_back_mt.__index(el, k)
