@@ -936,8 +936,8 @@ static block_t *check_block(lua_State *L, int idx) {
     block_t *k = lua_touserdata(L, idx);
     size_t size = lua_rawlen(L, idx);
     if (k == NULL || size < sizeof *k || k->magic != BLOCK_MAGIC ||
-        k->max > (size - sizeof *k) / sizeof(slot_t) || size != sizeof *k + k->max * sizeof(slot_t) + k->len ||
-        k->n > k->max)
+        k->max > (size - sizeof *k) / sizeof(slot_t) ||
+        size != sizeof *k + k->max * sizeof(slot_t) + k->len || k->n > k->max)
         luaL_error(L, "xmppsm.parser: corrupt lazy element");
     return k;
 }
@@ -1859,7 +1859,8 @@ static int l_parser(lua_State *L) {
 }
 
 static const luaL_Reg parser_methods[] = {
-    {"reset", l_reset}, {"state", l_state}, {"idle", l_idle}, {"set_raw", l_set_raw}, {"close", l_close}, {NULL, NULL}};
+    {"reset", l_reset}, {"state", l_state},     {"idle", l_idle},
+    {"set_raw", l_set_raw}, {"close", l_close}, {NULL, NULL}};
 
 static const luaL_Reg parser_meta[] = {
     {"__gc", l_close}, {"__close", l_close}, {"__tostring", l_tostring}, {NULL, NULL}};

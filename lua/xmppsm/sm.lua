@@ -221,9 +221,9 @@ function SM:send(st, cb)
   local stamp = gettime()
   local unsent = self.unsent
   local live = self.live and self.client.state == "online"
-  if live and self.enabled and unsent[1] == nil then
-    -- Nearly every call: the queue checks its own limits, and the store gets the stanza
-    -- after the queue took it, before the socket can.
+  if live and self.enabled then
+    -- Nearly every call (nothing waits in `unsent` once live): the queue checks its own
+    -- limits, and the store gets the stanza after the queue took it, before the socket can.
     return self:_write(raw, st, stamp, cb, self.store)
   end
   if self.queue:count() + #unsent >= self.opts.max_queue then
@@ -236,12 +236,10 @@ function SM:send(st, cb)
     local ok, serr = store:queued(raw, stamp)
     if not ok then return nil, store_failed(serr) end
   end
-  if not live then
-    unsent[#unsent + 1] = { raw = raw, st = st, stamp = stamp, cb = cb }
-  elseif self.enabled then
-    self:_write_accepted(raw, st, stamp, cb)
-  else
+  if live then
     self:_send_unmanaged(raw, st, cb)
+  else
+    unsent[#unsent + 1] = { raw = raw, st = st, stamp = stamp, cb = cb }
   end
   return true
 end

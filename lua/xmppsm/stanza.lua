@@ -494,7 +494,7 @@ function read_back_mt.__pairs(el)
   return pairs(el)
 end
 function read_back_mt.__tostring(el)
-  return rawget(el, RAW) or tostring(el)
+  return rawget(el, RAW)   -- until read back: then the element has another metatable
 end
 function read_back_mt.__xmppsm_materialize(el)
   read_back(el)
