@@ -31,6 +31,7 @@ build = {
          sources = {
             "csrc/core.c", "csrc/parser.c", "csrc/serialize.c", "csrc/queue.c",
             "csrc/crypto.c", "csrc/clock.c", "csrc/file.c", "csrc/poll.c", "csrc/sockopt.c",
+            "csrc/arity.c",
          },
          libraries = { "expat", "crypto" },
          incdirs = { "csrc", "$(EXPAT_INCDIR)", "$(OPENSSL_INCDIR)" },

@@ -15,5 +15,6 @@ int luaopen_xmppsm_core(lua_State *L) {
     xmppsm_open_file(L);
     xmppsm_open_poll(L);
     xmppsm_open_sockopt(L);
+    xmppsm_open_arity(L);
     return 1;
 }

@@ -8,7 +8,9 @@
  * Tables are read with raw access only (lua_rawget, lua_rawgeti, lua_next): no metamethod can
  * run, so no Lua code can change the tables while C holds pointers into their strings. The one
  * exception runs before an element is read: a lazy element from the parser is materialized by the
- * C function its metatable names, which only fills in that element's own children. */
+ * C function its metatable names, which only fills in that element's own children. A compact
+ * message of stanza.message() (its metatable has __xmppsm_body) is written as it is: its one
+ * child, <body>, is the string in its field __xmppsm_body. */
 #include <stdio.h>
 #include <string.h>
 #include <stdint.h>
@@ -23,13 +25,15 @@
 
 /* The stack slot core.serialize sets up before walking (see ser_serialize). */
 #define SLOT_OUT 3
-#define SLOT_PLAINMT 4 /* the last metatable found to have no __xmppsm_materialize, or nil */
+#define SLOT_PLAINMT 4 /* the last metatable found to have neither __xmppsm_materialize nor
+                        * __xmppsm_body, or nil */
 
 /* The keys the walk reads, kept as upvalues of core.serialize so a call does not create them. */
 #define UV_KNAME lua_upvalueindex(1)
 #define UV_KATTR lua_upvalueindex(2)
 #define UV_KXMLNS lua_upvalueindex(3)
 #define UV_KMAT lua_upvalueindex(4) /* "__xmppsm_materialize": a parser's lazy elements (csrc/parser.c) */
+#define UV_KBODY lua_upvalueindex(5) /* "__xmppsm_body": stanza.message()'s compact messages */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Output buffer. A stanza is usually small, so it starts in a C array; when it outgrows it, it
@@ -574,12 +578,19 @@ static int put_attrs(Ser *S, int ai, const char *el) {
     return 0;
 }
 
-/* A lazy element (its metatable has __xmppsm_materialize) gets its children built first.
+/* A lazy element (its metatable has __xmppsm_materialize) gets its children built first; a
+ * compact message (its metatable has __xmppsm_body) is left as it is: returns 1 for it, else 0.
  * Elements share one or two metatables (stanza.metatable), so the last one found plain is kept in
  * SLOT_PLAINMT and is not searched again for every element. */
-static void materialize(lua_State *L, int ei) {
-    if (!lua_getmetatable(L, ei)) return;
-    if (lua_rawequal(L, -1, SLOT_PLAINMT)) { lua_pop(L, 1); return; }
+static int materialize(lua_State *L, int ei) {
+    if (!lua_getmetatable(L, ei)) return 0;
+    if (lua_rawequal(L, -1, SLOT_PLAINMT)) { lua_pop(L, 1); return 0; }
+    lua_pushvalue(L, UV_KBODY);
+    if (lua_rawget(L, -2) != LUA_TNIL) {
+        lua_pop(L, 2);
+        return 1;
+    }
+    lua_pop(L, 1);
     lua_pushvalue(L, UV_KMAT);
     if (lua_rawget(L, -2) == LUA_TFUNCTION) {
         lua_pushvalue(L, ei);
@@ -589,6 +600,31 @@ static void materialize(lua_State *L, int ei) {
         lua_pop(L, 1);
         lua_replace(L, SLOT_PLAINMT);
     }
+    return 0;
+}
+
+/* The <body> child of a compact message at ei: ">" and the element, from its __xmppsm_body. */
+static int put_compact_body(Ser *S, int ei, const char *name) {
+    lua_State *L = S->L;
+    size_t tlen;
+    const char *text;
+    Where w;
+    lua_pushvalue(L, UV_KBODY);
+    if (lua_rawget(L, ei) != LUA_TSTRING) {
+        lua_pushfstring(L, "the body of compact <%s> is a %s, not a string", name, type_name(L, -1));
+        return 1;
+    }
+    text = lua_tolstring(L, -1, &tlen);
+    if (tlen == 0) {
+        out_lit(&S->out, "><body/>");
+    } else {
+        w.kind = W_TEXT; w.el = "body"; w.attr = NULL; w.ns = NULL; w.nslen = 0;
+        out_lit(&S->out, "><body>");
+        if (put_escaped(L, &S->out, text_class, text, tlen, &w)) return 1;
+        out_lit(&S->out, "</body>");
+    }
+    lua_pop(L, 1);
+    return 0;
 }
 
 static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const char *parent, lua_Integer pos) {
@@ -596,11 +632,11 @@ static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const ch
     int ei = lua_gettop(L), ai, t;
     size_t namelen, i;
     const char *name, *why;
-    int open = 0;
+    int open, compact;
     char why_buf[64];
 
     luaL_checkstack(L, 12, "element nesting");
-    materialize(L, ei);
+    compact = materialize(L, ei);
     /* name */
     lua_pushvalue(L, UV_KNAME);
     if (lua_rawget(L, ei) != LUA_TSTRING) {
@@ -654,7 +690,9 @@ static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const ch
         return 1;
     }
 
-    /* children, in array order up to the first nil (as ipairs) */
+    /* children, in array order up to the first nil (as ipairs), after a compact message's body */
+    open = compact;
+    if (compact && put_compact_body(S, ei, name)) return 1;
     for (i = 1;; i++) {
         t = lua_rawgeti(L, ei, (lua_Integer)i);
         if (t == LUA_TNIL) { lua_pop(L, 1); break; }
@@ -764,7 +802,8 @@ static void set_walker(lua_State *L, lua_CFunction fn, const char *name) {
     lua_pushliteral(L, "attr");
     lua_pushliteral(L, "xmlns");
     lua_pushliteral(L, "__xmppsm_materialize");
-    lua_pushcclosure(L, fn, 4);
+    lua_pushliteral(L, "__xmppsm_body");
+    lua_pushcclosure(L, fn, 5);
     lua_setfield(L, -2, name);
 }
 

@@ -59,6 +59,28 @@ describe("stream management callbacks, by sequence number", function()
     assert.equal("a@b", got[2][2].attr.to)
   end)
 
+  it("read a forgotten stanza back only for a callback that can see it", function()
+    local s = new_sm()
+    s.queue:set_counter(0)
+    local read_backs, real = 0, stanza.read_back
+    stanza.read_back = function(raw) read_backs = read_backs + 1; return real(raw) end
+    local seen = {}
+    local callbacks = {
+      function(ok) seen[#seen + 1] = ok end,                         -- cannot see it: none
+      function(_, _, st) seen[#seen + 1] = st:get_child_text("body") end,
+      function(...) seen[#seen + 1] = select(3, ...):get_child_text("body") end,
+      setmetatable({}, { __call = function(_, _, _, st) seen[#seen + 1] = st:get_child_text("body") end }),
+    }
+    for i, cb in ipairs(callbacks) do s:send(stanza.message({}, "m" .. i), cb) end
+    collectgarbage()
+    collectgarbage()
+    local ok, err = pcall(s._handle_h, s, "4", "<a/>")
+    stanza.read_back = real
+    assert(ok, err)
+    assert.same({ true, "m2", "m3", "m4" }, seen)
+    assert.equal(3, read_backs)
+  end)
+
   it("wrap around 2^32 with the counters", function()
     local s = new_sm()
     s.queue:set_counter(4294967294)

@@ -16,6 +16,7 @@ local socket = require "socket"
 local xmperror = require "xmppsm.error"
 
 local serialize, gettime = core.serialize, socket.gettime
+local sees_arg = core.sees_arg
 
 local sm = {}
 
@@ -151,7 +152,10 @@ function SM:_acked(items, n, base)
     if cb then callbacks[seq] = nil end
     stats.acked = stats.acked + 1   -- per item: a callback below may read sm_state()
     local st = obj
-    if not st and (listeners.ackedStanza or listeners.ack or cb) then st = stanza.read_back(raw) end
+    -- A callback declared as `function(ok)` could never see a read-back stanza: none is made.
+    if not st and (listeners.ackedStanza or listeners.ack or (cb and sees_arg(cb, 3))) then
+      st = stanza.read_back(raw)
+    end
     if listeners.ackedStanza then events:fire("ackedStanza", st) end
     if listeners.ackedRaw then events:fire("ackedRaw", raw) end
     if listeners.ack then events:fire("ack", st) end

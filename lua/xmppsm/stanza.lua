@@ -14,8 +14,8 @@
 -- built on first read, its children on first other use by its metatable, which then becomes
 -- `stanza.metatable`.
 -- Code here that reads an element raw (`rawlen`, `rawget`) outside a method call first calls
--- `core.materialize`. `message(attr, body)` builds *compact* elements, filled in on first use
--- the same way (see compact_mt below).
+-- `core.materialize`. `message(attr, body)` builds a *compact* message, filled in on first use
+-- the same way (see compact_message_mt below).
 --
 -- **Builder position.** `:tag()` moves into the new child, `:up()` back out, `:reset()` to the
 -- top. That position is kept outside the element (in a table with weak keys, keyed by the
@@ -37,7 +37,7 @@ local core = require "xmppsm.core"
 
 local type, error, setmetatable, getmetatable, tostring, pairs, ipairs =
   type, error, setmetatable, getmetatable, tostring, pairs, ipairs
-local rawget, rawlen = rawget, rawlen
+local rawget, rawset, rawlen, next = rawget, rawset, rawlen, next
 local concat = table.concat
 local serialize, materialize, lazy_child_text = core.serialize, core.materialize, core.lazy_child_text
 
@@ -48,8 +48,9 @@ local stanza = {}
 --- Methods of every stanza (the metatable's `__index`).
 local methods = {}
 local stanza_mt = { __name = "xmppsm.stanza", __index = methods }
--- The metatable of message()'s compact elements (filled in below, see stanza.message).
-local compact_mt = { __name = "xmppsm.stanza", __xmppsm_stanza_mt = stanza_mt }
+-- The metatable of message()'s compact messages (filled in below, see stanza.message).
+-- `__xmppsm_body` tells the serializer (csrc/serialize.c) to write the element as it is.
+local compact_message_mt = { __name = "xmppsm.stanza", __xmppsm_stanza_mt = stanza_mt, __xmppsm_body = true }
 
 -- Builder positions: element -> stack of open descendants, innermost last. Weak keys so a
 -- stanza that is dropped mid-build does not leak; an entry goes away when `up()` reaches the top.
@@ -146,8 +147,8 @@ end
 -- @treturn boolean
 function stanza.is_stanza(x)
   local mt = getmetatable(x)
-  -- compact_mt is also found by the last test; named first because every send() asks
-  return mt == stanza_mt or mt == compact_mt
+  -- compact_message_mt is also found by the last test; named first because every send() asks
+  return mt == stanza_mt or mt == compact_message_mt
     or (type(mt) == "table" and rawget(mt, "__xmppsm_stanza_mt") == stanza_mt)
 end
 
@@ -508,20 +509,33 @@ function stanza.read_back(raw)
   return setmetatable({ [RAW] = raw }, read_back_mt)
 end
 
--- `message(attr, body)` builds its two elements *compact*: without the tables nobody may read
--- (the body's `attr`, both `tags` lists), which cost more than the rest of the message to make.
--- The first read of a field that is not there fills them in (`attr = {}`, `tags` from the
--- children) and gives the element `stanza.metatable`; from then on it is an ordinary element.
--- Raw reads (`rawget`, `next`, the serializer) see only what is there, as with the parser's lazy
--- elements (docs/core.md).
-compact_mt.__tostring = stanza_mt.__tostring
+-- `message(attr, body)` builds one table, a *compact* message: `{ name = "message", attr = attr,
+-- __xmppsm_body = body }`. A message and its `<body>` built as two elements (with `tags` lists and
+-- the body's `attr`) cost more to make, and to collect, than the rest of a send; most are never
+-- read again. The first use of anything else (an absent key such as `tags`, `[1]` or a method
+-- name, a new key, `#`, `pairs`, or `core.materialize`) turns it into the ordinary element the
+-- generic builder makes, with `stanza.metatable`. Raw reads (`rawget`, `next`) see only what is
+-- there, as with the parser's lazy elements (docs/core.md); the serializer writes the compact
+-- form directly.
+local BODY = "__xmppsm_body"
 
-function compact_mt.__index(el, k)
+local function expand_message(el)
+  local text = rawget(el, BODY)
+  local body = setmetatable({ name = "body", attr = {}, tags = {} }, stanza_mt)
+  if text ~= "" then body[1] = text end
+  rawset(el, BODY, nil)
+  rawset(el, 1, body)
+  rawset(el, "tags", { body })
   if rawget(el, "attr") == nil then rawset(el, "attr", {}) end
-  tags_of(el)
-  setmetatable(el, stanza_mt)
-  return el[k]
+  return setmetatable(el, stanza_mt)
 end
+
+compact_message_mt.__xmppsm_materialize = expand_message
+compact_message_mt.__tostring = stanza_mt.__tostring
+function compact_message_mt.__index(el, k) return expand_message(el)[k] end
+function compact_message_mt.__newindex(el, k, v) expand_message(el)[k] = v end
+function compact_message_mt.__len(el) return rawlen(expand_message(el)) end
+function compact_message_mt.__pairs(el) return next, expand_message(el), nil end
 
 --- A `<message>`, optionally with a `<body>`.
 -- @tparam[opt] table attr
@@ -533,15 +547,7 @@ function stanza.message(attr, body)
     error("attributes must be a table, got " .. type(attr), 2)
   end
   if type(body) ~= "string" then error("text must be a string, got " .. type(body), 2) end
-  -- Each table made whole by one constructor (one given its [1] afterwards is resized), and
-  -- compact (see compact_mt).
-  local b
-  if body ~= "" then
-    b = setmetatable({ body, name = "body" }, compact_mt)
-  else
-    b = setmetatable({ name = "body" }, compact_mt)
-  end
-  return setmetatable({ b, name = "message", attr = attr or {} }, compact_mt)
+  return setmetatable({ name = "message", attr = attr or {}, [BODY] = body }, compact_message_mt)
 end
 
 --- A `<presence>`.

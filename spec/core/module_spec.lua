@@ -14,4 +14,21 @@ describe("xmppsm.core", function()
     assert.is_number(a)
     assert.is_true(b >= a)
   end)
+
+  it("tells whether a function can see its n-th argument (sees_arg)", function()
+    local core = require "xmppsm.core"
+    local cases = {
+      { function() end, 1, false },
+      { function(_) end, 1, true },
+      { function(_, _) end, 3, false },
+      { function(_, _, _) end, 3, true },
+      { function(_, _, _, _) end, 3, true },
+      { function(...) return ... end, 3, true },
+      { function(_, ...) return ... end, 3, true },
+      { print, 3, true },                                      -- C: cannot tell, so yes
+      { setmetatable({}, { __call = function() end }), 3, true }, -- not a function: yes
+    }
+    for i, c in ipairs(cases) do assert.equal(c[3], core.sees_arg(c[1], c[2]), "case " .. i) end
+    assert.has_error(function() core.sees_arg(print, "x") end)
+  end)
 end)

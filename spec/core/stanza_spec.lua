@@ -127,28 +127,84 @@ describe("xmppsm.stanza", function()
       assert.is_true(m:at_top())
     end)
 
-    it("message with a body is compact until a field that is not there is read", function()
+    it("message with a body is one compact table until a key that is not there is used", function()
       local m = stanza.message({ to = "a@b" }, "hi")
-      local body = rawget(m, 1)
+      assert.is_nil(rawget(m, 1))
       assert.is_nil(rawget(m, "tags"))
-      assert.is_nil(rawget(body, "attr"))
-      assert.is_nil(rawget(body, "tags"))
+      assert.equal("hi", rawget(m, "__xmppsm_body"))
       assert.is_true(stanza.is_stanza(m))
       assert.equal("<message to='a@b'><body>hi</body></message>", tostring(m))
       assert.equal("<message to='a@b'><body>hi</body></message>", (core.serialize(m)))
-      assert.is_nil(rawget(m, "tags"))   -- serializing reads raw: still compact
+      assert.is_nil(rawget(m, 1))        -- serializing reads raw: still compact
       assert.equal("a@b", m.attr.to)     -- there: nothing filled in
-      assert.is_nil(rawget(m, "tags"))
-      assert.equal(body, m.tags[1])      -- not there: filled in
+      assert.equal("message", m.name)
+      assert.is_nil(rawget(m, 1))
+      local body = m.tags[1]             -- not there: filled in
       assert.equal(stanza.metatable, getmetatable(m))
-      assert.is_nil(rawget(body, "attr"))
-      assert.same({}, body.attr)
-      assert.same({}, body.tags)
+      assert.is_nil(rawget(m, "__xmppsm_body"))
+      assert.equal(body, rawget(m, 1))
+      assert.same({ name = "body", attr = {}, tags = {}, "hi" }, body)
       assert.equal(stanza.metatable, getmetatable(body))
+      assert.is_true(keys_ok(m))
+      assert.is_nil(stanza_equal.check_tags(m))
       local m2 = stanza.message(nil, "x")
       assert.equal("x", m2:get_child_text("body"))   -- a method fills in too
       assert.equal(stanza.metatable, getmetatable(m2))
       assert.same({}, m2.attr)
+    end)
+
+    it("compact message: every other use fills it in first", function()
+      local function compact() return stanza.message({ type = "chat" }, "hi") end
+      local uses = {
+        ["[1]"] = function(m) return m[1].name end,
+        ["#"] = function(m) return #m end,
+        ["pairs"] = function(m)
+          local keys = {}
+          for k in pairs(m) do keys[#keys + 1] = tostring(k) end
+          table.sort(keys)
+          return table.concat(keys, ",")
+        end,
+        ["ipairs"] = function(m)
+          local n = 0
+          for _ in ipairs(m) do n = n + 1 end
+          return n
+        end,
+        ["new key"] = function(m) m.extra = 1; return rawget(m, "extra") end,
+        ["core.materialize"] = function(m) return core.materialize(m) == m end,
+        ["method"] = function(m) return m:get_child("body").name end,
+      }
+      local expect = { ["[1]"] = "body", ["#"] = 1, pairs = "1,attr,name,tags", ipairs = 1,
+                       ["new key"] = 1, ["core.materialize"] = true, method = "body" }
+      for what, use in pairs(uses) do
+        local m = compact()
+        assert.equal(expect[what], use(m), what)
+        assert.equal(stanza.metatable, getmetatable(m), what)
+        assert.is_nil(rawget(m, "__xmppsm_body"), what)
+        assert.equal("<message type='chat'><body>hi</body></message>", tostring(m), what)
+      end
+    end)
+
+    it("compact message serializes as the generic builder's, escaping and refusing alike", function()
+      local bodies = { "hi", "", "a < b & c > d 'q' \"qq\"", "h\195\169llo \226\130\172", ("x"):rep(5000),
+                       "line\nnext\r\ttab", "bad \255 byte", "ctl \1 char" }
+      for _, text in ipairs(bodies) do
+        local compact = stanza.message({ to = "a@b", id = "x<1" }, text)
+        local generic = stanza.stanza("message", { to = "a@b", id = "x<1" }):text_tag("body", text)
+        local s1, e1 = core.serialize(compact)
+        local s2, e2 = core.serialize(generic)
+        assert.equal(s2, s1, text)
+        assert.equal(e2, e1, text)
+        assert.equal(getmetatable(stanza.message(nil, "x")), getmetatable(compact), "still compact")
+        if s1 then assert.same(generic, stanza.parse(s1)) end
+      end
+    end)
+
+    it("compact message: only its own metatable makes the body field a body", function()
+      local m = stanza.message({ to = "a@b" }, "hi")
+      rawset(m, "__xmppsm_body", 5)
+      assert.same({ nil, "the body of compact <message> is a number, not a string" }, { core.serialize(m) })
+      local plain = { name = "message", attr = {}, __xmppsm_body = "hi" }
+      assert.equal("<message/>", (core.serialize(plain)))
     end)
 
     it("message with a body builds what the generic builder builds, and goes on building", function()
