@@ -65,4 +65,26 @@ describe("transport", function()
     assert.is_nil(result[1])
     assert.matches("cannot connect to 127.0.0.1 port " .. port, result[2], 1, true)
   end)
+
+  it("writes queued pieces once and in order after partial writes", function()
+    local written = {}
+    local t = transport.new{ on_data = function() end, on_close = function() end }
+    -- A socket that takes at most 7 bytes a call, as LuaSocket reports a partial send.
+    t.sock = { send = function(_, data, i)
+      local last = math.min(#data, i + 6)
+      written[#written + 1] = data:sub(i, last)
+      if last < #data then return nil, "timeout", last end
+      return last
+    end }
+    t:send("hello world, ")   -- outside a loop step: written at once, 7 bytes of it
+    assert.is_true(t.want_write)
+    t:send("second ")         -- queued behind the rest of the first
+    t:send("third")
+    for _ = 1, 10 do
+      if not t.want_write then break end
+      t:on_writable()
+    end
+    assert.is_false(t.want_write)
+    assert.equal("hello world, second third", table.concat(written))
+  end)
 end)

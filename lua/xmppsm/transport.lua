@@ -6,6 +6,7 @@ local socket = require "socket"
 local ssl = require "ssl"
 local core = require "xmppsm.core"
 local loop = require "xmppsm.loop"
+local concat = table.concat
 
 local transport = {}
 
@@ -233,9 +234,10 @@ function Transport:_flush()
   self.out_bytes = 0
   while out[1] do
     if #out > 1 then
-      -- Many small stanzas: one write instead of one per stanza.
-      local first = out[1]:sub(self.out_pos)
-      out[1] = first .. table.concat(out, "", 2)
+      -- Many small stanzas: one write instead of one per stanza (copied once: the first one is
+      -- cut only when a partial write left its start behind).
+      if self.out_pos > 1 then out[1] = out[1]:sub(self.out_pos) end
+      out[1] = concat(out)
       for i = #out, 2, -1 do out[i] = nil end
       self.out_pos = 1
     end
