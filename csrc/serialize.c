@@ -603,24 +603,28 @@ static int materialize(lua_State *L, int ei) {
     return 0;
 }
 
+/* Text content of element `el` (the string at the top of the stack, kept there while written). */
+static int put_text(Ser *S, const char *el) {
+    size_t tlen;
+    const char *text = lua_tolstring(S->L, -1, &tlen);
+    Where w;
+    w.kind = W_TEXT; w.el = el; w.attr = NULL; w.ns = NULL; w.nslen = 0;
+    return put_escaped(S->L, &S->out, text_class, text, tlen, &w);
+}
+
 /* The <body> child of a compact message at ei: ">" and the element, from its __xmppsm_body. */
 static int put_compact_body(Ser *S, int ei, const char *name) {
     lua_State *L = S->L;
-    size_t tlen;
-    const char *text;
-    Where w;
     lua_pushvalue(L, UV_KBODY);
     if (lua_rawget(L, ei) != LUA_TSTRING) {
         lua_pushfstring(L, "the body of compact <%s> is a %s, not a string", name, type_name(L, -1));
         return 1;
     }
-    text = lua_tolstring(L, -1, &tlen);
-    if (tlen == 0) {
+    if (lua_rawlen(L, -1) == 0) {
         out_lit(&S->out, "><body/>");
     } else {
-        w.kind = W_TEXT; w.el = "body"; w.attr = NULL; w.ns = NULL; w.nslen = 0;
         out_lit(&S->out, "><body>");
-        if (put_escaped(L, &S->out, text_class, text, tlen, &w)) return 1;
+        if (put_text(S, "body")) return 1;
         out_lit(&S->out, "</body>");
     }
     lua_pop(L, 1);
@@ -698,11 +702,7 @@ static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const ch
         if (t == LUA_TNIL) { lua_pop(L, 1); break; }
         if (!open) { out_lit(&S->out, ">"); open = 1; }
         if (t == LUA_TSTRING) {
-            size_t tlen;
-            const char *text = lua_tolstring(L, -1, &tlen);
-            Where w;
-            w.kind = W_TEXT; w.el = name; w.attr = NULL; w.ns = NULL; w.nslen = 0;
-            if (put_escaped(L, &S->out, text_class, text, tlen, &w)) return 1;
+            if (put_text(S, name)) return 1;
         } else if (t == LUA_TTABLE) {
             if (ser_element(S, depth + 1, ns, nslen, name, (lua_Integer)i)) return 1;
         } else {
