@@ -25,6 +25,7 @@
 
 #include <expat.h>
 
+#include "xmlns.h"
 #include "xmppsm.h"
 
 /* Debian back-ported XML_SetReparseDeferralEnabled to 2.5.0 without changing the version
@@ -38,7 +39,7 @@ XMLPARSEAPI(XML_Bool) XML_SetReparseDeferralEnabled(XML_Parser parser, XML_Bool 
 #define UV_LAZY 3 /* user value: the lazy metatable, or nil when the parser is eager */
 
 #define STREAM_NS "http://etherx.jabber.org/streams"
-#define XML_NS_SEP "http://www.w3.org/XML/1998/namespace\1"
+#define XML_NS_SEP XML_NS_URI "\1"
 #define TLS_PROCEED "urn:ietf:params:xml:ns:xmpp-tls\1proceed"
 #define SASL_SUCCESS "urn:ietf:params:xml:ns:xmpp-sasl\1success"
 
@@ -120,6 +121,7 @@ typedef struct {
     buf_t rest;       /* bytes kept unparsed while paused or failed, returned by reset */
 
     int depth; /* elements open in expat, stream root included */
+    ns_scope_t ns; /* the namespace declarations in scope (expat does not resolve names) */
     int stop;
     int replaying;
     int header_ns_ok; /* the header declared content_ns as its default namespace */
@@ -269,36 +271,136 @@ static int rec_pos(parser_t *p, int kind, uint64_t pos) {
     return 1;
 }
 
-/* Attribute names and values take strlen once each: the first ATTR_LENS lengths are kept. */
+/* Names on the tape are resolved: "uri\1local", or "local" in no namespace. */
+static size_t name_size(const ns_name_t *nm) {
+    return nm->uri ? nm->urilen + 1 + nm->locallen : nm->locallen;
+}
+
+static char *put_name(char *w, const ns_name_t *nm) {
+    w = put_u32(w, (uint32_t)name_size(nm));
+    if (nm->uri) {
+        memcpy(w, nm->uri, nm->urilen);
+        w += nm->urilen;
+        *w++ = '\1';
+    }
+    memcpy(w, nm->local, nm->locallen);
+    w[nm->locallen] = '\0';
+    return w + nm->locallen + 1;
+}
+
+static void fail_name(parser_t *p, int code, const char *name) {
+    if (code == NS_NO_MEMORY)
+        FAIL(p, COND_OOM, "out of memory");
+    else
+        FAIL(p, "not-well-formed", "%s: '%.60s' at byte %llu", ns_problem(code), name,
+             (unsigned long long)here(p));
+}
+
+/* An element's attributes as recorded: names resolved, namespace declarations left out (they
+ * are not attributes). The first ATTR_LENS are resolved once, for both passes. */
 #define ATTR_LENS 64
 
-static size_t attrs_size(const XML_Char **atts, size_t *lens) {
-    size_t n = 0, i;
-    for (i = 0; atts[i] != NULL; i++) {
-        size_t len = strlen(atts[i]);
-        if (i < ATTR_LENS) lens[i] = len;
-        n += 4 + len + 1;
+typedef struct {
+    ns_name_t name;
+    const char *value;
+    size_t vlen;
+} attr_t;
+
+static int attr_order(const void *a, const void *b) {
+    const ns_name_t *x = a, *y = b;
+    int c;
+    if (x->urilen != y->urilen) return x->urilen < y->urilen ? -1 : 1;
+    if (x->locallen != y->locallen) return x->locallen < y->locallen ? -1 : 1;
+    if ((c = memcmp(x->uri, y->uri, x->urilen)) != 0) return c;
+    return memcmp(x->local, y->local, x->locallen);
+}
+
+/* Two prefixed attributes may be the same name once expanded (p:a and q:a with p and q bound
+ * to one namespace), which expat cannot see without its namespace mode: sorted, neighbours
+ * compared. Only runs for elements with two prefixed attributes or more. */
+static int distinct_attrs(parser_t *p, const XML_Char **atts, size_t prefixed) {
+    ns_name_t *names = malloc(prefixed * sizeof *names);
+    size_t i, k = 0;
+    int ok = 1;
+    if (names == NULL) {
+        FAIL(p, COND_OOM, "out of memory");
+        return 0;
     }
+    for (i = 0; atts[i] != NULL; i += 2) {
+        ns_name_t nm;
+        if (ns_is_declaration(atts[i])) continue;
+        ns_resolve(&p->ns, atts[i], 1, &nm); /* resolved once already */
+        if (nm.uri) names[k++] = nm;
+    }
+    qsort(names, k, sizeof *names, attr_order);
+    for (i = 1; i < k && ok; i++) {
+        if (attr_order(&names[i - 1], &names[i]) == 0) {
+            FAIL(p, "not-well-formed", "the attribute {%.*s}%.*s twice (once expanded) at byte %llu",
+                 (int)(names[i].urilen > 60 ? 60 : names[i].urilen), names[i].uri,
+                 (int)(names[i].locallen > 40 ? 40 : names[i].locallen), names[i].local,
+                 (unsigned long long)here(p));
+            ok = 0;
+        }
+    }
+    free(names);
+    return ok;
+}
+
+/* Resolves the attributes and returns the bytes they take on the tape, or 0 after a FAIL. */
+static size_t attrs_size(parser_t *p, const XML_Char **atts, attr_t *info) {
+    size_t n = 4, i, k = 0, prefixed = 0;
+    for (i = 0; atts[i] != NULL; i += 2) {
+        attr_t a;
+        int rc;
+        if (ns_is_declaration(atts[i])) continue;
+        rc = ns_resolve(&p->ns, atts[i], 1, &a.name);
+        if (rc != NS_OK) {
+            fail_name(p, rc, atts[i]);
+            return 0;
+        }
+        a.value = atts[i + 1];
+        a.vlen = strlen(a.value);
+        if (a.name.uri) prefixed++;
+        n += 4 + name_size(&a.name) + 1 + 4 + a.vlen + 1;
+        if (k < ATTR_LENS) info[k] = a;
+        k++;
+    }
+    if (prefixed > 1 && !distinct_attrs(p, atts, prefixed)) return 0;
     return n;
 }
 
-static char *put_attrs(char *w, const XML_Char **atts, int nattr, const size_t *lens) {
+static char *put_attrs(parser_t *p, char *w, const XML_Char **atts, int nattr, const attr_t *info) {
     size_t i;
     w = put_u32(w, (uint32_t)nattr);
-    for (i = 0; atts[i] != NULL; i++) w = put_str(w, atts[i], i < ATTR_LENS ? lens[i] : strlen(atts[i]));
+    if (nattr <= ATTR_LENS) {
+        for (i = 0; i < (size_t)nattr; i++) {
+            w = put_name(w, &info[i].name);
+            w = put_str(w, info[i].value, info[i].vlen);
+        }
+        return w;
+    }
+    for (i = 0; atts[i] != NULL; i += 2) { /* past ATTR_LENS: resolved again */
+        ns_name_t nm;
+        if (ns_is_declaration(atts[i])) continue;
+        ns_resolve(&p->ns, atts[i], 1, &nm);
+        w = put_name(w, &nm);
+        w = put_str(w, atts[i + 1], strlen(atts[i + 1]));
+    }
     return w;
 }
 
 /* An element at depth `d` in the stanza (1 for the stanza itself) opens. */
-static int rec_open(parser_t *p, int d, const XML_Char *name, const XML_Char **atts, int nattr) {
-    size_t nlen = strlen(name), at = p->tape.len;
-    size_t lens[ATTR_LENS];
-    char *w = tape_room(p, 1 + 8 + 4 + nlen + 1 + 4 + attrs_size(atts, lens));
+static int rec_open(parser_t *p, int d, const ns_name_t *name, const XML_Char **atts, int nattr) {
+    size_t at = p->tape.len, asize;
+    attr_t info[ATTR_LENS];
+    char *w;
+    if ((asize = attrs_size(p, atts, info)) == 0) return 0;
+    w = tape_room(p, 1 + 8 + 4 + name_size(name) + 1 + asize);
     if (w == NULL) return 0;
     *w++ = REC_OPEN;
     w += 8; /* the child counts, written by rec_close */
-    w = put_str(w, name, nlen);
-    put_attrs(w, atts, nattr, lens);
+    w = put_name(w, name);
+    put_attrs(p, w, atts, nattr, info);
     if (d > 1) {
         p->frames[d - 1].nchild++;
         p->frames[d - 1].ntag++;
@@ -341,11 +443,14 @@ static void finish_begin(parser_t *p) {
 }
 
 static int rec_header(parser_t *p, const XML_Char **atts, int nattr, uint64_t end) {
-    size_t lens[ATTR_LENS];
-    char *w = tape_room(p, 1 + 4 + attrs_size(atts, lens) + 8);
+    attr_t info[ATTR_LENS];
+    size_t asize = attrs_size(p, atts, info);
+    char *w;
+    if (asize == 0) return 0;
+    w = tape_room(p, 1 + asize + 8);
     if (w == NULL) return 0;
     *w++ = REC_HEADER;
-    w = put_attrs(w, atts, nattr, lens);
+    w = put_attrs(p, w, atts, nattr, info);
     put_u64(w, end);
     return 1;
 }
@@ -386,28 +491,25 @@ static void unit_done(parser_t *p) {
 
 /* ---- expat callbacks: C only, no Lua ------------------------------------------------------ */
 
-static int count_attrs(const XML_Char **atts) {
-    int n = 0;
-    while (atts[2 * n] != NULL) n++;
-    return n;
+static int name_is(const char *s, size_t n, const char *lit) {
+    return n == strlen(lit) && memcmp(s, lit, n) == 0;
 }
 
-/* expat names are "uri\1local" or just "local". */
-static int name_in(const XML_Char *name, const char *uri, const char *local) {
-    size_t ulen = strlen(uri);
-    return strncmp(name, uri, ulen) == 0 && name[ulen] == '\1' && strcmp(name + ulen + 1, local) == 0;
-}
-
-static void start_header(parser_t *p, const XML_Char *name, const XML_Char **atts, int nattr) {
+static void start_header(parser_t *p, const ns_name_t *name, const XML_Char **atts, int nattr) {
     uint64_t end;
-    if (!name_in(name, STREAM_NS, "stream")) {
-        size_t ulen = strlen(STREAM_NS);
-        if (strncmp(name, STREAM_NS, ulen) == 0 && name[ulen] == '\1')
-            FAIL(p, "bad-format", "the stream's root element is <%.60s>, not <stream>", name + ulen + 1);
+    ns_name_t dflt;
+    int in_streams = name->uri && name_is(name->uri, name->urilen, STREAM_NS);
+    if (!in_streams || !name_is(name->local, name->locallen, "stream")) {
+        if (in_streams)
+            FAIL(p, "bad-format", "the stream's root element is <%.*s>, not <stream>",
+                 (int)(name->locallen > 60 ? 60 : name->locallen), name->local);
         else
             FAIL(p, "invalid-namespace", "the stream's root element is not <stream> in " STREAM_NS);
         return;
     }
+    /* only the header's own declarations are in scope: is its default namespace content_ns? */
+    ns_resolve(&p->ns, "x", 0, &dflt);
+    p->header_ns_ok = name_is(dflt.uri ? dflt.uri : "", dflt.urilen, p->content_ns);
     if (!p->header_ns_ok) {
         FAIL(p, "invalid-namespace", "the stream header does not declare xmlns='%.100s'", p->content_ns);
         return;
@@ -420,22 +522,29 @@ static void start_header(parser_t *p, const XML_Char *name, const XML_Char **att
     p->gap_start = end;
 }
 
-static void on_start(void *ud, const XML_Char *name, const XML_Char **atts) {
+static void on_start(void *ud, const XML_Char *qname, const XML_Char **atts) {
     parser_t *p = ud;
-    int nattr;
+    int nattr, bad, rc;
+    ns_name_t name;
     if (p->stop) return;
+    rc = ns_declare(&p->ns, atts, p->depth, &nattr, &bad);
+    if (rc == NS_OK) rc = ns_resolve(&p->ns, qname, 0, &name);
+    else qname = atts[bad];
+    if (rc != NS_OK) {
+        fail_name(p, rc, qname);
+        return;
+    }
     if (p->replaying) {
         p->depth++;
         return;
     }
-    nattr = count_attrs(atts);
     if (nattr > p->max_attrs) {
         FAIL(p, "policy-violation", "an element has %d attributes, more than max_attributes (%d)", nattr,
              p->max_attrs);
         return;
     }
     if (p->depth == 0) {
-        start_header(p, name, atts, nattr);
+        start_header(p, &name, atts, nattr);
         return;
     }
     if (p->depth > p->max_depth) { /* the stanza is at depth 1, its children at 2, ... */
@@ -446,7 +555,7 @@ static void on_start(void *ud, const XML_Char *name, const XML_Char **atts) {
         p->unit_start = here(p);
         if (!rec_begin(p, p->unit_start)) return;
     }
-    if (!rec_open(p, p->depth, name, atts, nattr)) return;
+    if (!rec_open(p, p->depth, &name, atts, nattr)) return;
     p->depth++;
 }
 
@@ -462,11 +571,21 @@ static void stream_end(parser_t *p) {
     p->gap_start = end;
 }
 
+/* Whether the stanza just completed is `expanded` ("uri\1local"): its REC_OPEN says. */
+static int stanza_is(const parser_t *p, const char *expanded) {
+    const char *name;
+    size_t n;
+    get_str(p->tape.p + p->frames[1].rec + 1 + 8, &name, &n);
+    return name_is(name, n, expanded);
+}
+
 static void on_end(void *ud, const XML_Char *name) {
     parser_t *p = ud;
     uint64_t end;
+    (void)name;
     if (p->stop) return;
     p->depth--;
+    ns_leave(&p->ns, p->depth);
     if (p->depth == 0) {
         stream_end(p);
         return;
@@ -478,7 +597,7 @@ static void on_end(void *ud, const XML_Char *name) {
     if (!rec_pos(p, REC_END, end)) return;
     unit_done(p);
     p->gap_start = end;
-    if (strcmp(name, TLS_PROCEED) == 0 || strcmp(name, SASL_SUCCESS) == 0) {
+    if (stanza_is(p, TLS_PROCEED) || stanza_is(p, SASL_SUCCESS)) {
         p->stop = STOP_PAUSE;
         p->stop_pos = end;
         XML_StopParser(p->xp, XML_FALSE);
@@ -514,13 +633,6 @@ static void on_cdata(void *ud) {
     parser_t *p = ud;
     if (p->stop || p->depth >= 2) return;
     FAIL(p, "bad-format", "CDATA section between stanzas");
-}
-
-static void on_ns_decl(void *ud, const XML_Char *prefix, const XML_Char *uri) {
-    parser_t *p = ud;
-    if (p->stop || p->replaying || p->depth != 0 || prefix != NULL) return;
-    if (uri == NULL) uri = ""; /* xmlns='' */
-    p->header_ns_ok = strlen(uri) == p->content_ns_len && memcmp(uri, p->content_ns, p->content_ns_len) == 0;
 }
 
 static int same_ascii_nocase(const char *a, const char *b) {
@@ -583,7 +695,6 @@ static void install_handlers(parser_t *p) {
     XML_SetElementHandler(xp, on_start, on_end);
     XML_SetCharacterDataHandler(xp, on_text);
     XML_SetStartCdataSectionHandler(xp, on_cdata);
-    XML_SetStartNamespaceDeclHandler(xp, on_ns_decl);
     XML_SetXmlDeclHandler(xp, on_xml_decl);
     XML_SetCommentHandler(xp, on_comment);
     XML_SetProcessingInstructionHandler(xp, on_pi);
@@ -1514,6 +1625,7 @@ static int restart_expat(parser_t *p) {
     p->depth = 0;
     p->stop = STOP_NONE;
     p->header_ns_ok = 0;
+    ns_clear(&p->ns);
     return 1;
 }
 
@@ -1753,6 +1865,7 @@ static void free_parser(parser_t *p) {
     buf_free(&p->header);
     buf_free(&p->tape);
     buf_free(&p->rest);
+    ns_free(&p->ns);
     free(p->levels);
     p->levels = NULL;
     free(p->frames);
@@ -1846,7 +1959,7 @@ static int l_parser(lua_State *L) {
     }
     p->levels = malloc(sizeof *p->levels * (size_t)(max_depth + 1));
     p->frames = malloc(sizeof *p->frames * (size_t)(max_depth + 1));
-    p->xp = XML_ParserCreateNS("UTF-8", '\1');
+    p->xp = XML_ParserCreate("UTF-8"); /* names are resolved here (xmlns.c), not by expat */
     /* raw and tape are never NULL while open: pointer arithmetic on them needs no special case */
     if (p->levels == NULL || p->frames == NULL || p->xp == NULL || !buf_reserve(&p->raw, 1) ||
         !buf_reserve(&p->tape, 1)) {

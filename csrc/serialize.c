@@ -399,6 +399,14 @@ static int is_name_char(unsigned long c) {
     return is_name_start(c) || c == 0xB7 || (c >= 0x300 && c <= 0x36F) || (c >= 0x203F && c <= 0x2040);
 }
 
+int xmppsm_starts_name(const char *s, size_t n) {
+    unsigned long cp;
+    int err = U_OK;
+    if (n == 0) return 0;
+    if ((unsigned char)s[0] < 0x80) return ascii_name[(unsigned char)s[0]] == 2;
+    return utf8_decode((const unsigned char *)s, n, 0, &cp, &err) != 0 && is_name_start(cp);
+}
+
 /* Returns NULL when s is an NCName, else pushes nothing and returns why (a static string, or
  * one built in buf). */
 static const char *ncname_error(const char *str, size_t n, char *buf, size_t bufsize) {

@@ -22,4 +22,7 @@ void xmppsm_open_arity(lua_State *L);
  * else a Lua error. */
 int xmppsm_check_fd(lua_State *L, int arg);
 
+/* Whether the n bytes at s begin with an XML NameStartChar (serialize.c's name rules). */
+int xmppsm_starts_name(const char *s, size_t n);
+
 #endif

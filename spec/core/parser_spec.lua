@@ -636,6 +636,94 @@ describe("xmppsm.core parser (lazy = " .. tostring(lazy) .. ")", function()
       assert.equal("mismatched tag at byte " .. (#HDR + 11), ev[2].b)
     end)
 
+    it("refuses what Namespaces in XML forbids, naming the problem and the name", function()
+      local cases = {
+        -- unbound prefixes: an element's, an attribute's, one declared only on a sibling
+        { "<p:message/>", "an undeclared namespace prefix: 'p:message'" },
+        { "<message p:a='1'/>", "an undeclared namespace prefix: 'p:a'" },
+        { "<message xmlns:xmlns='urn:x'/>", "a reserved prefix (xml, xmlns) declared: 'xmlns:xmlns'" },
+        { "<message><a xmlns:p='urn:p'/><p:b/></message>", "an undeclared namespace prefix: 'p:b'", "<p:b" },
+        { "<xmlns:message/>", "an undeclared namespace prefix: 'xmlns:message'" },
+        -- the reserved prefixes and namespaces
+        { "<message xmlns:xml='urn:x'/>", "a reserved prefix (xml, xmlns) declared: 'xmlns:xml'" },
+        { "<message xmlns:x='http://www.w3.org/XML/1998/namespace'/>", "a reserved namespace" },
+        { "<message xmlns='http://www.w3.org/XML/1998/namespace'/>", "a reserved namespace" },
+        { "<message xmlns:x='http://www.w3.org/2000/xmlns/'/>", "a reserved namespace" },
+        { "<message xmlns='http://www.w3.org/2000/xmlns/'/>", "a reserved namespace" },
+        -- a prefix cannot be undeclared in XML 1.0
+        { "<message xmlns:p='urn:p'><a xmlns:p=''/></message>", "a prefix undeclared (xmlns:p='')", "<a " },
+        -- names that are not qualified names
+        { "<a:b:c xmlns:a='urn:a'/>", "a name that is not a qualified name: 'a:b:c'" },
+        { "<message x:y:z='1' xmlns:x='urn:x'/>", "a name that is not a qualified name: 'x:y:z'" },
+        { "<message :a='1'/>", "a name that is not a qualified name: ':a'" },
+        { "<message a:='1' xmlns:a='urn:a'/>", "a name that is not a qualified name: 'a:'" },
+        { "<message a:1='1' xmlns:a='urn:a'/>", "a name that is not a qualified name: 'a:1'" },
+        { "<message a:-b='1' xmlns:a='urn:a'/>", "a name that is not a qualified name: 'a:-b'" },
+        { "<message a:\204\128='1' xmlns:a='urn:a'/>", "a name that is not a qualified name" }, -- U+0300
+        { "<message xmlns:='urn:a'/>", "a name that is not a qualified name: 'xmlns:'" },
+        -- one attribute twice once expanded (two prefixes, one namespace)
+        { "<message xmlns:a='urn:n' xmlns:b='urn:n' a:x='1' b:x='2'/>", "{urn:n}x twice" },
+        { "<message xmlns:e='" .. "http://www.w3.org/XML/1998/namespace" .. "'/>", "a reserved namespace" },
+      }
+      for _, case in ipairs(cases) do
+        expect_error(HDR .. case[1], "not-well-formed", "header")
+        local ev = feed(new_parser(), HDR .. case[1])
+        assert.truthy(ev[2].b:find(case[2], 1, true), ev[2].b)
+        -- at the start tag at fault
+        local at = #HDR + case[1]:find(case[3] or "<", 1, true) - 1
+        assert.truthy(ev[2].b:find(" at byte " .. at, 1, true), ev[2].b)
+      end
+      -- the same checks hold in the stream header
+      expect_error("<stream:stream xmlns='jabber:client' xmlns:stream='" .. STREAMS .. "' p:x='1'>",
+        "not-well-formed")
+      expect_error("<stream:stream xmlns='jabber:client' xmlns:stream='" .. STREAMS .. "' xmlns:xml='u'>",
+        "not-well-formed")
+    end)
+
+    it("accepts what Namespaces in XML allows, and scopes each declaration to its element", function()
+      local XMLNS = "http://www.w3.org/XML/1998/namespace"
+      local ev = feed(new_parser(), HDR
+        -- a prefix redeclared inside, the outer binding back after it; the default undeclared
+        .. "<message xmlns:p='urn:1' p:a='1'><p:x xmlns:p='urn:2' p:a='2'/><p:y p:a='3'/>"
+        .. "<z xmlns=''><w/></z><v/></message>"
+        -- xml: is bound without a declaration, may be declared (to itself), and names elements too
+        .. "<iq xmlns:xml='" .. XMLNS .. "' xml:lang='en'><xml:q/></iq>"
+        -- one local name in two namespaces, and a prefixed and a plain attribute of one name
+        .. "<presence xmlns:a='urn:a' xmlns:b='urn:b' a:x='1' b:x='2' x='3'/>"
+        -- declarations after the names that use them still apply (attribute order is free)
+        .. "<r:m r:k='v' xmlns:r='urn:r'/>"
+        .. "<f xmlns:h='urn:h' h:\195\169='1'/>") -- a non-ASCII local name
+      assert.equal("header stanza stanza stanza stanza stanza", kinds(ev))
+      local m = core.materialize(ev[2].a)
+      assert.same({ ["urn:1\1a"] = "1" }, m.attr)
+      assert.same({ xmlns = "urn:2", ["urn:2\1a"] = "2" }, m[1].attr)
+      assert.equal("x", m[1].name)
+      assert.same({ xmlns = "urn:1", ["urn:1\1a"] = "3" }, m[2].attr)
+      assert.same({ xmlns = "" }, m[3].attr)
+      assert.same({}, m[3][1].attr) -- <w/> in no namespace, like its parent
+      assert.same({}, m[4].attr)   -- <v/> back in jabber:client
+      local iq = core.materialize(ev[3].a)
+      assert.same({ ["xml:lang"] = "en" }, iq.attr)
+      assert.same({ name = "q", attr = { xmlns = XMLNS }, tags = {} }, core.materialize(iq[1]))
+      assert.same({ ["urn:a\1x"] = "1", ["urn:b\1x"] = "2", x = "3" }, core.materialize(ev[4].a).attr)
+      local r = core.materialize(ev[5].a)
+      assert.same({ xmlns = "urn:r", ["urn:r\1k"] = "v" }, r.attr)
+      assert.equal("m", r.name)
+      assert.same({ ["urn:h\1\195\169"] = "1" }, core.materialize(ev[6].a).attr)
+    end)
+
+    it("forgets a stream's declarations when the stream restarts", function()
+      local p = new_parser()
+      local head = "<stream:stream xmlns='jabber:client' xmlns:stream='" .. STREAMS .. "' xmlns:db='urn:db'>"
+      local ev = feed(p, head .. "<db:x/><proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+      assert.equal("header stanza stanza", kinds(ev))
+      assert.equal("paused", p:state())
+      p:reset()
+      ev = feed(p, HDR .. "<db:x/>")
+      assert.equal("header error", kinds(ev))
+      assert.truthy(ev[2].b:find("undeclared namespace prefix: 'db:x'", 1, true), ev[2].b)
+    end)
+
     it("still reports what was complete before an error in the same chunk", function()
       expect_error(HDR .. "<a/><b/><c>\255</c>", "not-well-formed", "header stanza stanza")
       local p = new_parser()
