@@ -30,6 +30,10 @@
 #define H_MAX 0xFFFFFFFFu
 /* Smallest ring once anything was pushed: shrinking below it would only churn allocations. */
 #define MIN_CAP ((size_t)16)
+/* A ring never shrinks below this (48 KiB with its value table): a client that sends bursts of
+ * up to a thousand stanzas, each acknowledged as a whole, would otherwise shrink to MIN_CAP and
+ * grow back, copying every item, once per burst. Larger rings still shrink. */
+#define KEEP_CAP ((size_t)1024)
 /* Capacities are powers of two at most 2^29, so the value table (2 slots per item) and an ack's
  * result table (3 slots per item) stay inside an int and Lua's array size limit. */
 #define MAX_ITEMS_LIMIT ((lua_Integer)1 << 29)
@@ -159,8 +163,14 @@ static queue *new_queue(lua_State *L, int opts) {
     return q;
 }
 
+/* The queue at argument 1, open. The methods hold the queue metatable as their upvalue:
+ * comparing with it is luaL_checkudata's test without its registry lookup by name (a string
+ * interned and compared on every call, more than the rest of push, which runs per stanza). */
 static queue *check_queue(lua_State *L) {
-    queue *q = (queue *)luaL_checkudata(L, 1, QUEUE_MT);
+    queue *q = lua_touserdata(L, 1);
+    if (q == NULL || !lua_getmetatable(L, 1)) luaL_typeerror(L, 1, QUEUE_MT);
+    if (!lua_rawequal(L, -1, lua_upvalueindex(1))) luaL_typeerror(L, 1, QUEUE_MT);
+    lua_pop(L, 1);
     if (q->closed)
         luaL_error(L, "attempt to use a closed " QUEUE_MT);
     return q;
@@ -211,7 +221,7 @@ static void install_storage(lua_State *L, queue *q, qrec *nr, size_t cap, size_t
 /* Halves while at most a quarter full: with doubling on full, push and ack stay O(1) amortized,
  * and a burst (say 10000 stanzas queued during an outage) does not pin its memory forever. */
 static size_t shrink_target(size_t cap, size_t remaining) {
-    while (cap > MIN_CAP && remaining <= cap / 4)
+    while (cap > KEEP_CAP && remaining <= cap / 4)
         cap /= 2;
     return cap;
 }
@@ -692,7 +702,9 @@ void xmppsm_open_queue(lua_State *L) {
     lua_pop(L, 1);
     luaL_newmetatable(L, QUEUE_MT);
     luaL_setfuncs(L, queue_meta, 0);
-    luaL_newlib(L, queue_methods);
+    luaL_newlibtable(L, queue_methods);
+    lua_pushvalue(L, -2);
+    luaL_setfuncs(L, queue_methods, 1); /* check_queue's upvalue */
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     luaL_setfuncs(L, queue_funcs, 0);
