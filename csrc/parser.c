@@ -497,7 +497,8 @@ static int name_is(const char *s, size_t n, const char *lit) {
 
 static void start_header(parser_t *p, const ns_name_t *name, const XML_Char **atts, int nattr) {
     uint64_t end;
-    ns_name_t dflt;
+    const char *dflt;
+    size_t dflt_len;
     int in_streams = name->uri && name_is(name->uri, name->urilen, STREAM_NS);
     if (!in_streams || !name_is(name->local, name->locallen, "stream")) {
         if (in_streams)
@@ -508,8 +509,8 @@ static void start_header(parser_t *p, const ns_name_t *name, const XML_Char **at
         return;
     }
     /* only the header's own declarations are in scope: is its default namespace content_ns? */
-    ns_resolve(&p->ns, "x", 0, &dflt);
-    p->header_ns_ok = name_is(dflt.uri ? dflt.uri : "", dflt.urilen, p->content_ns);
+    dflt = ns_default(&p->ns, &dflt_len);
+    p->header_ns_ok = name_is(dflt, dflt_len, p->content_ns);
     if (!p->header_ns_ok) {
         FAIL(p, "invalid-namespace", "the stream header does not declare xmlns='%.100s'", p->content_ns);
         return;

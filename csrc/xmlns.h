@@ -91,6 +91,13 @@ static inline int ns_scan_qname(const char *qname, size_t *len, const char **col
     return NS_OK;
 }
 
+/* The default namespace in scope ("" for none), its length in *len. */
+static inline const char *ns_default(const ns_scope_t *s, size_t *len) {
+    const ns_binding_t *b = s->dflt ? &s->bindings[s->dflt - 1] : NULL;
+    *len = b ? b->urilen : 0;
+    return *len ? s->arena + b->uri : ""; /* xmlns='' may have left the arena unallocated */
+}
+
 /* Resolves a qualified name (an element's, or an attribute's: those ignore the default
  * namespace). The results point into `qname` and the scope, valid until the scope changes. */
 static inline int ns_resolve(const ns_scope_t *s, const char *qname, int is_attr, ns_name_t *out) {
