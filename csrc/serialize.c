@@ -685,6 +685,10 @@ static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const ch
             const char *x = lua_tolstring(L, -1, &xlen);
             if (xlen != nslen || memcmp(x, ns, xlen) != 0) {
                 Where w;
+                if (strcmp(x, XML_NS) == 0 || strcmp(x, XMLNS_NS) == 0) {
+                    lua_pushfstring(L, "<%s> cannot be in the reserved namespace %s", name, x);
+                    return 1;
+                }
                 w.kind = W_XMLNS; w.el = name; w.attr = NULL; w.ns = NULL; w.nslen = 0;
                 out_lit(&S->out, " xmlns='");
                 if (put_escaped(L, &S->out, attr_class, x, xlen, &w)) return 1;

@@ -115,6 +115,9 @@ const char *ns_problem(int code) {
     case NS_RESERVED_PREFIX: return "a reserved prefix (xml, xmlns) declared";
     case NS_RESERVED_URI: return "a reserved namespace (XML's, xmlns') bound";
     case NS_UNDECLARE: return "a prefix undeclared (xmlns:p='')";
+    /* Allowed by Namespaces in XML, but no XMPP element is one, and an element in the XML
+     * namespace has no unprefixed form the serializer could write back. */
+    case NS_XML_ELEMENT: return "an element in the XML namespace (refused: it cannot be written back)";
     default: return "no problem";
     }
 }

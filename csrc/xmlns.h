@@ -19,7 +19,8 @@ enum {
     NS_UNBOUND,         /* a prefix nothing declared */
     NS_RESERVED_PREFIX, /* `xml` bound to another namespace, or `xmlns` declared */
     NS_RESERVED_URI,    /* the XML or xmlns namespace bound to another prefix, or as the default */
-    NS_UNDECLARE        /* xmlns:p='' (allowed in XML 1.1 only) */
+    NS_UNDECLARE,       /* xmlns:p='' (allowed in XML 1.1 only) */
+    NS_XML_ELEMENT      /* an element named xml:something (see ns_problem) */
 };
 
 typedef struct {
@@ -119,6 +120,7 @@ static inline int ns_resolve(const ns_scope_t *s, const char *qname, int is_attr
         out->local = colon + 1;
         out->locallen = len - prefixlen - 1;
         if (prefixlen == 3 && memcmp(qname, "xml", 3) == 0) { /* bound by definition, to itself */
+            if (!is_attr) return NS_XML_ELEMENT;
             out->uri = XML_NS_URI;
             out->urilen = sizeof XML_NS_URI - 1;
             return NS_OK;

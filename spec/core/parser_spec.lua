@@ -644,6 +644,7 @@ describe("xmppsm.core parser (lazy = " .. tostring(lazy) .. ")", function()
         { "<message xmlns:xmlns='urn:x'/>", "a reserved prefix (xml, xmlns) declared: 'xmlns:xmlns'" },
         { "<message><a xmlns:p='urn:p'/><p:b/></message>", "an undeclared namespace prefix: 'p:b'", "<p:b" },
         { "<xmlns:message/>", "an undeclared namespace prefix: 'xmlns:message'" },
+        { "<message><xml:q/></message>", "an element in the XML namespace", "<xml:q" },
         -- the reserved prefixes and namespaces
         { "<message xmlns:xml='urn:x'/>", "a reserved prefix (xml, xmlns) declared: 'xmlns:xml'" },
         { "<message xmlns:x='http://www.w3.org/XML/1998/namespace'/>", "a reserved namespace" },
@@ -686,8 +687,8 @@ describe("xmppsm.core parser (lazy = " .. tostring(lazy) .. ")", function()
         -- a prefix redeclared inside, the outer binding back after it; the default undeclared
         .. "<message xmlns:p='urn:1' p:a='1'><p:x xmlns:p='urn:2' p:a='2'/><p:y p:a='3'/>"
         .. "<z xmlns=''><w/></z><v/></message>"
-        -- xml: is bound without a declaration, may be declared (to itself), and names elements too
-        .. "<iq xmlns:xml='" .. XMLNS .. "' xml:lang='en'><xml:q/></iq>"
+        -- xml: is bound without a declaration, and may be declared (to itself)
+        .. "<iq xmlns:xml='" .. XMLNS .. "' xml:lang='en'><q/></iq>"
         -- one local name in two namespaces, and a prefixed and a plain attribute of one name
         .. "<presence xmlns:a='urn:a' xmlns:b='urn:b' a:x='1' b:x='2' x='3'/>"
         -- declarations after the names that use them still apply (attribute order is free)
@@ -704,7 +705,7 @@ describe("xmppsm.core parser (lazy = " .. tostring(lazy) .. ")", function()
       assert.same({}, m[4].attr)   -- <v/> back in jabber:client
       local iq = core.materialize(ev[3].a)
       assert.same({ ["xml:lang"] = "en" }, iq.attr)
-      assert.same({ name = "q", attr = { xmlns = XMLNS }, tags = {} }, core.materialize(iq[1]))
+      assert.same({ name = "q", attr = {}, tags = {} }, core.materialize(iq[1]))
       assert.same({ ["urn:a\1x"] = "1", ["urn:b\1x"] = "2", x = "3" }, core.materialize(ev[4].a).attr)
       local r = core.materialize(ev[5].a)
       assert.same({ xmlns = "urn:r", ["urn:r\1k"] = "v" }, r.attr)

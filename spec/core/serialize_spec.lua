@@ -512,6 +512,14 @@ describe("core.serialize", function()
       assert.matches("empty namespace", err)
     end)
 
+    it("refuses an element in the XML or the xmlns namespace (no declaration can say so)", function()
+      for _, ns in ipairs { "http://www.w3.org/XML/1998/namespace", "http://www.w3.org/2000/xmlns/" } do
+        local s, err = serialize(el("message", {}, el("q", { xmlns = ns })))
+        assert.is_nil(s)
+        assert.equal("<q> cannot be in the reserved namespace " .. ns, err)
+      end
+    end)
+
     it("does not write the xmlns key as an attribute a second time", function()
       assert.equal("<a xmlns='urn:x'/>", serialize(el("a", { xmlns = "urn:x" })))
     end)
