@@ -39,7 +39,7 @@ XMLPARSEAPI(XML_Bool) XML_SetReparseDeferralEnabled(XML_Parser parser, XML_Bool 
 #define UV_LAZY 3 /* user value: the lazy metatable, or nil when the parser is eager */
 
 #define STREAM_NS "http://etherx.jabber.org/streams"
-#define XML_NS_SEP XML_NS_URI "\1"
+#define XML_NS_SEP XMPPSM_XML_NS "\1"
 #define TLS_PROCEED "urn:ietf:params:xml:ns:xmpp-tls\1proceed"
 #define SASL_SUCCESS "urn:ietf:params:xml:ns:xmpp-sasl\1success"
 
@@ -491,16 +491,12 @@ static void unit_done(parser_t *p) {
 
 /* ---- expat callbacks: C only, no Lua ------------------------------------------------------ */
 
-static int name_is(const char *s, size_t n, const char *lit) {
-    return n == strlen(lit) && memcmp(s, lit, n) == 0;
-}
-
 static void start_header(parser_t *p, const ns_name_t *name, const XML_Char **atts, int nattr) {
     uint64_t end;
     const char *dflt;
     size_t dflt_len;
-    int in_streams = name->uri && name_is(name->uri, name->urilen, STREAM_NS);
-    if (!in_streams || !name_is(name->local, name->locallen, "stream")) {
+    int in_streams = name->uri && XMPPSM_IS_LITERAL(name->uri, name->urilen, STREAM_NS);
+    if (!in_streams || !XMPPSM_IS_LITERAL(name->local, name->locallen, "stream")) {
         if (in_streams)
             FAIL(p, "bad-format", "the stream's root element is <%.*s>, not <stream>",
                  (int)(name->locallen > 60 ? 60 : name->locallen), name->local);
@@ -510,7 +506,7 @@ static void start_header(parser_t *p, const ns_name_t *name, const XML_Char **at
     }
     /* only the header's own declarations are in scope: is its default namespace content_ns? */
     dflt = ns_default(&p->ns, &dflt_len);
-    p->header_ns_ok = name_is(dflt, dflt_len, p->content_ns);
+    p->header_ns_ok = dflt_len == p->content_ns_len && memcmp(dflt, p->content_ns, dflt_len) == 0;
     if (!p->header_ns_ok) {
         FAIL(p, "invalid-namespace", "the stream header does not declare xmlns='%.100s'", p->content_ns);
         return;
@@ -528,10 +524,11 @@ static void on_start(void *ud, const XML_Char *qname, const XML_Char **atts) {
     int nattr, bad, rc;
     ns_name_t name;
     if (p->stop) return;
-    rc = ns_declare(&p->ns, atts, p->depth, &nattr, &bad);
-    if (rc == NS_OK) rc = ns_resolve(&p->ns, qname, 0, &name);
-    else qname = atts[bad];
-    if (rc != NS_OK) {
+    if ((rc = ns_declare(&p->ns, atts, p->depth, &nattr, &bad)) != NS_OK) {
+        fail_name(p, rc, atts[bad]);
+        return;
+    }
+    if ((rc = ns_resolve(&p->ns, qname, 0, &name)) != NS_OK) {
         fail_name(p, rc, qname);
         return;
     }
@@ -572,17 +569,18 @@ static void stream_end(parser_t *p) {
     p->gap_start = end;
 }
 
-/* Whether the stanza just completed is `expanded` ("uri\1local"): its REC_OPEN says. */
-static int stanza_is(const parser_t *p, const char *expanded) {
-    const char *name;
+/* The resolved name ("uri\1local") of the stanza just completed, from its REC_OPEN. */
+static size_t stanza_name(const parser_t *p, const char **name) {
     size_t n;
-    get_str(p->tape.p + p->frames[1].rec + 1 + 8, &name, &n);
-    return name_is(name, n, expanded);
+    get_str(p->tape.p + p->frames[1].rec + 1 + 8, name, &n);
+    return n;
 }
 
 static void on_end(void *ud, const XML_Char *name) {
     parser_t *p = ud;
     uint64_t end;
+    const char *sname;
+    size_t slen;
     (void)name;
     if (p->stop) return;
     p->depth--;
@@ -598,7 +596,8 @@ static void on_end(void *ud, const XML_Char *name) {
     if (!rec_pos(p, REC_END, end)) return;
     unit_done(p);
     p->gap_start = end;
-    if (stanza_is(p, TLS_PROCEED) || stanza_is(p, SASL_SUCCESS)) {
+    slen = stanza_name(p, &sname);
+    if (XMPPSM_IS_LITERAL(sname, slen, TLS_PROCEED) || XMPPSM_IS_LITERAL(sname, slen, SASL_SUCCESS)) {
         p->stop = STOP_PAUSE;
         p->stop_pos = end;
         XML_StopParser(p->xp, XML_FALSE);

@@ -168,8 +168,8 @@ static queue *new_queue(lua_State *L, int opts) {
  * interned and compared on every call, more than the rest of push, which runs per stanza). */
 static queue *check_queue(lua_State *L) {
     queue *q = lua_touserdata(L, 1);
-    if (q == NULL || !lua_getmetatable(L, 1)) luaL_typeerror(L, 1, QUEUE_MT);
-    if (!lua_rawequal(L, -1, lua_upvalueindex(1))) luaL_typeerror(L, 1, QUEUE_MT);
+    if (q == NULL || !lua_getmetatable(L, 1) || !lua_rawequal(L, -1, lua_upvalueindex(1)))
+        luaL_typeerror(L, 1, QUEUE_MT);
     lua_pop(L, 1);
     if (q->closed)
         luaL_error(L, "attempt to use a closed " QUEUE_MT);

@@ -20,8 +20,6 @@
  * default max_depth, so anything the parser accepts serializes. */
 #define MAX_DEPTH 256
 #define DEFAULT_NS "jabber:client"
-#define XML_NS "http://www.w3.org/XML/1998/namespace"
-#define XMLNS_NS "http://www.w3.org/2000/xmlns/"
 
 /* The stack slot core.serialize sets up before walking (see ser_serialize). */
 #define SLOT_OUT 3
@@ -515,7 +513,7 @@ static int put_attrs(Ser *S, int ai, const char *el) {
                 lua_pushfstring(L, "empty namespace in attribute key '\\1%s' of <%s>", local, el);
                 return 1;
             }
-            if (nslen == sizeof XMLNS_NS - 1 && memcmp(k, XMLNS_NS, nslen) == 0) {
+            if (XMPPSM_IS_LITERAL(k, nslen, XMPPSM_XMLNS_NS)) {
                 lua_pushfstring(L, "attribute '%s' of <%s> is in the reserved xmlns namespace", local, el);
                 return 1;
             }
@@ -524,14 +522,14 @@ static int put_attrs(Ser *S, int ai, const char *el) {
                                 type_name(L, -1));
                 return 1;
             }
-            if (nslen == sizeof XML_NS - 1 && memcmp(k, XML_NS, nslen) == 0) {
+            if (XMPPSM_IS_LITERAL(k, nslen, XMPPSM_XML_NS)) {
                 /* The xml prefix is predeclared and no other prefix may be bound to it. Refuse
                  * the same attribute given both ways, which would be written twice. */
                 lua_pushfstring(L, "xml:%s", local);
                 lua_rawget(L, ai);
                 if (!lua_isnil(L, -1)) {
                     lua_pushfstring(L, "attribute 'xml:%s' of <%s> is given twice (also as '{%s}%s')",
-                                    local, el, XML_NS, local);
+                                    local, el, XMPPSM_XML_NS, local);
                     return 1;
                 }
                 lua_pop(L, 1);
@@ -685,7 +683,7 @@ static int ser_element(Ser *S, int depth, const char *ns, size_t nslen, const ch
             const char *x = lua_tolstring(L, -1, &xlen);
             if (xlen != nslen || memcmp(x, ns, xlen) != 0) {
                 Where w;
-                if (strcmp(x, XML_NS) == 0 || strcmp(x, XMLNS_NS) == 0) {
+                if (XMPPSM_IS_LITERAL(x, xlen, XMPPSM_XML_NS) || XMPPSM_IS_LITERAL(x, xlen, XMPPSM_XMLNS_NS)) {
                     lua_pushfstring(L, "<%s> cannot be in the reserved namespace %s", name, x);
                     return 1;
                 }

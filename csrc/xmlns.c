@@ -49,21 +49,17 @@ static int bind(ns_scope_t *s, const char *prefix, size_t prefixlen, const char 
     return 1;
 }
 
-static int equals(const char *s, size_t n, const char *lit) {
-    return strlen(lit) == n && memcmp(s, lit, n) == 0;
-}
-
 /* One declaration: `prefix` is NULL for the default namespace. */
 static int declare(ns_scope_t *s, const char *prefix, size_t prefixlen, const char *uri, int depth) {
     size_t urilen = strlen(uri);
-    int is_xml_uri = equals(uri, urilen, XML_NS_URI);
-    if (prefix != NULL && equals(prefix, prefixlen, "xmlns")) return NS_RESERVED_PREFIX;
-    if (prefix != NULL && equals(prefix, prefixlen, "xml")) {
+    int is_xml_uri = XMPPSM_IS_LITERAL(uri, urilen, XMPPSM_XML_NS);
+    if (prefix != NULL && XMPPSM_IS_LITERAL(prefix, prefixlen, "xmlns")) return NS_RESERVED_PREFIX;
+    if (prefix != NULL && XMPPSM_IS_LITERAL(prefix, prefixlen, "xml")) {
         if (!is_xml_uri) return NS_RESERVED_PREFIX;
     } else if (is_xml_uri) {
         return NS_RESERVED_URI;
     }
-    if (equals(uri, urilen, XMLNS_NS_URI)) return NS_RESERVED_URI;
+    if (XMPPSM_IS_LITERAL(uri, urilen, XMPPSM_XMLNS_NS)) return NS_RESERVED_URI;
     if (prefix != NULL && urilen == 0) return NS_UNDECLARE;
     if (!bind(s, prefix ? prefix : "", prefix ? prefixlen : 0, uri, urilen, depth)) return NS_NO_MEMORY;
     return NS_OK;

@@ -4,12 +4,8 @@
 #define XMPPSM_XMLNS_H
 
 #include <stddef.h>
-#include <string.h>
 
 #include "xmppsm.h"
-
-#define XML_NS_URI "http://www.w3.org/XML/1998/namespace"
-#define XMLNS_NS_URI "http://www.w3.org/2000/xmlns/"
 
 /* What can be wrong with a name or a declaration; NS_OK (0) when nothing is. */
 enum {
@@ -104,7 +100,7 @@ static inline const char *ns_default(const ns_scope_t *s, size_t *len) {
 static inline int ns_resolve(const ns_scope_t *s, const char *qname, int is_attr, ns_name_t *out) {
     const char *colon;
     const ns_binding_t *b;
-    size_t len;
+    size_t len, prefixlen;
     int rc = ns_scan_qname(qname, &len, &colon);
     if (rc != NS_OK) return rc;
     out->uri = NULL;
@@ -112,21 +108,20 @@ static inline int ns_resolve(const ns_scope_t *s, const char *qname, int is_attr
     if (colon == NULL) {
         out->local = qname;
         out->locallen = len;
-        if (is_attr || s->dflt == 0) return NS_OK;
-        b = &s->bindings[s->dflt - 1];
-        if (b->urilen == 0) return NS_OK; /* xmlns='' */
-    } else {
-        size_t prefixlen = (size_t)(colon - qname);
-        out->local = colon + 1;
-        out->locallen = len - prefixlen - 1;
-        if (prefixlen == 3 && memcmp(qname, "xml", 3) == 0) { /* bound by definition, to itself */
-            if (!is_attr) return NS_XML_ELEMENT;
-            out->uri = XML_NS_URI;
-            out->urilen = sizeof XML_NS_URI - 1;
-            return NS_OK;
-        }
-        if ((b = ns_lookup(s, qname, prefixlen)) == NULL) return NS_UNBOUND;
+        if (!is_attr) out->uri = ns_default(s, &out->urilen);
+        if (out->urilen == 0) out->uri = NULL; /* no default, or xmlns='' */
+        return NS_OK;
     }
+    prefixlen = (size_t)(colon - qname);
+    out->local = colon + 1;
+    out->locallen = len - prefixlen - 1;
+    if (XMPPSM_IS_LITERAL(qname, prefixlen, "xml")) { /* bound by definition, to itself */
+        if (!is_attr) return NS_XML_ELEMENT;
+        out->uri = XMPPSM_XML_NS;
+        out->urilen = sizeof XMPPSM_XML_NS - 1;
+        return NS_OK;
+    }
+    if ((b = ns_lookup(s, qname, prefixlen)) == NULL) return NS_UNBOUND;
     out->uri = s->arena + b->uri;
     out->urilen = b->urilen;
     return NS_OK;

@@ -2,6 +2,8 @@
 #ifndef XMPPSM_H
 #define XMPPSM_H
 
+#include <string.h>
+
 #include <lua.h>
 #include <lauxlib.h>
 
@@ -21,6 +23,13 @@ void xmppsm_open_arity(lua_State *L);
 /* The file descriptor at `arg`: an integer (a string is refused, not converted) in 0..INT_MAX,
  * else a Lua error. */
 int xmppsm_check_fd(lua_State *L, int arg);
+
+/* The two namespaces Namespaces in XML reserves (for the parser's checks and the serializer's). */
+#define XMPPSM_XML_NS "http://www.w3.org/XML/1998/namespace"
+#define XMPPSM_XMLNS_NS "http://www.w3.org/2000/xmlns/"
+
+/* Whether the n bytes at s are exactly the string literal `lit` (its length is a constant). */
+#define XMPPSM_IS_LITERAL(s, n, lit) ((n) == sizeof(lit) - 1 && memcmp((s), (lit), (n)) == 0)
 
 /* Whether the n bytes at s begin with an XML NameStartChar (serialize.c's name rules). */
 int xmppsm_starts_name(const char *s, size_t n);
