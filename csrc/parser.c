@@ -710,10 +710,14 @@ static void install_handlers(parser_t *p) {
 #define LAZY_INDEX 5 /* stack slot of the lazy metatable (or nil) during feed */
 #define BLOCK_INDEX 6 /* stack slot of the latest block of lazy stanzas (or nil) during feed */
 
-/* Strings feed uses all the time, kept as its upvalues so they are pushed, not interned. */
-enum { K_NAME = 1, K_ATTR, K_TAGS, K_XMLNS, K_XMLLANG, K_HEADER, K_STANZA, K_CLOSE, K_ERROR, K_COUNT = K_ERROR };
+/* Strings feed and the lazy elements' functions use all the time, kept as their upvalues so
+ * they are pushed, not interned (lua_pushstring hashes or looks up a C string each time). */
+enum {
+    K_NAME = 1, K_ATTR, K_TAGS, K_XMLNS, K_XMLLANG, K_HEADER, K_STANZA, K_CLOSE, K_ERROR, K_LAZY_METHODS,
+    K_COUNT = K_LAZY_METHODS
+};
 static const char *const feed_strings[] = {"name", "attr", "tags", "xmlns", "xml:lang", "header", "stanza",
-                                           "close", "error"};
+                                           "close", "error", "__xmppsm_lazy_methods"};
 #define PUSH_K(L, k) lua_pushvalue((L), lua_upvalueindex(k))
 
 typedef struct {
@@ -1164,7 +1168,7 @@ static int lazy_index(lua_State *L) {
         return 1;
     }
     if (lua_type(L, 2) == LUA_TSTRING && lua_istable(L, LAZY_TARGET)) {
-        lua_pushliteral(L, "__xmppsm_lazy_methods");
+        PUSH_K(L, K_LAZY_METHODS);
         if (lua_rawget(L, LAZY_TARGET) == LUA_TTABLE) {
             lua_pushvalue(L, 2);
             if (lua_rawget(L, -2) != LUA_TNIL) return 1;
@@ -1179,14 +1183,15 @@ static int lazy_index(lua_State *L) {
 /* xmlns = core.element_ns(el)
  * What el.attr.xmlns is (the element's namespace when it differs from its parent's, else nil),
  * without building the attr table of a lazy element that has none yet: code that routes stanzas
- * by namespace then costs no attribute strings. */
+ * by namespace then costs no attribute strings. A closure over the feed strings. */
 static int l_element_ns(lua_State *L) {
     lazy_t z;
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    lua_pushliteral(L, "attr");
+    PUSH_K(L, K_ATTR);
     if (lua_rawget(L, 1) == LUA_TTABLE) { /* built, or already read: it may have been changed */
-        lua_getfield(L, 2, "xmlns");
+        PUSH_K(L, K_XMLNS);
+        lua_gettable(L, 2);
         return 1;
     }
     if (!lazy_data(L, 1, &z)) return 0; /* no attr at all: nothing to say */
@@ -1197,6 +1202,27 @@ static int l_element_ns(lua_State *L) {
     return 1;
 }
 
+/* Pushes the text of the records at r (the REC_TEXT records up to the next other record; ""
+ * when there are none). rec_text grows one record for adjacent text, so one record is the rule
+ * and needs no buffer. */
+static void push_texts(lua_State *L, const char *r, const char *end) {
+    const char *t = "";
+    size_t tlen = 0;
+    luaL_Buffer b;
+    if (r < end && *r == REC_TEXT) r = get_str(r + 1, &t, &tlen);
+    if (r >= end || *r != REC_TEXT) {
+        lua_pushlstring(L, t, tlen);
+        return;
+    }
+    luaL_buffinit(L, &b);
+    luaL_addlstring(&b, t, tlen);
+    while (r < end && *r == REC_TEXT) {
+        r = get_str(r + 1, &t, &tlen);
+        luaL_addlstring(&b, t, tlen);
+    }
+    luaL_pushresult(&b);
+}
+
 /* found, text = core.lazy_child_text(el, name, want [, pns])
  * For a lazy element, without building anything: the first child element named `name` (any
  * name when nil) whose `attr.xmlns or pns` equals `want` (both may be nil), as get_child
@@ -1204,7 +1230,7 @@ static int l_element_ns(lua_State *L) {
  * text, "" for none, nil when the child has element children). Returns nothing when `el` is
  * not a lazy element, so the caller takes the general path.
  * Without a fourth argument, pns is el's own attr.xmlns (what core.element_ns says) and a nil
- * `want` means pns: get_child_text(name, xmlns) in one call. */
+ * `want` means pns: get_child_text(name, xmlns) in one call. A closure over the feed strings. */
 static int l_lazy_child_text(lua_State *L) {
     const char *r, *end, *want_name, *want, *pns, *sns;
     size_t want_name_len = 0, want_len = 0, pns_len = 0, snslen;
@@ -1217,9 +1243,10 @@ static int l_lazy_child_text(lua_State *L) {
     lua_settop(L, 4);
     if (!lazy_data(L, 1, &z)) return 0; /* its block stays on the stack while it is read */
     if (own_ns) {
-        lua_pushliteral(L, "attr");
+        PUSH_K(L, K_ATTR);
         if (lua_rawget(L, 1) == LUA_TTABLE) { /* built, maybe changed: it says (element_ns) */
-            if (lua_getfield(L, -1, "xmlns") == LUA_TSTRING)
+            PUSH_K(L, K_XMLNS);
+            if (lua_gettable(L, -2) == LUA_TSTRING)
                 pns = lua_tolstring(L, -1, &pns_len); /* stays on the stack until we return */
         } else if (z.e.differs) {
             pns = z.e.ns;
@@ -1271,15 +1298,7 @@ static int l_lazy_child_text(lua_State *L) {
             if (ntag > 0) {
                 lua_pushnil(L);
             } else {
-                luaL_Buffer b;
-                luaL_buffinit(L, &b);
-                while (r < end && *r == REC_TEXT) {
-                    const char *t;
-                    size_t tlen;
-                    r = get_str(r + 1, &t, &tlen);
-                    luaL_addlstring(&b, t, tlen);
-                }
-                luaL_pushresult(&b);
+                push_texts(L, r, end);
             }
             return 2;
         default:
@@ -1978,30 +1997,31 @@ static const luaL_Reg parser_methods[] = {
 static const luaL_Reg parser_meta[] = {
     {"__gc", l_close}, {"__close", l_close}, {"__tostring", l_tostring}, {NULL, NULL}};
 
-void xmppsm_open_parser(lua_State *L) {
+/* Sets field `name` of the table on top to `fn` as a closure over the feed strings. */
+static void set_keyed(lua_State *L, const char *name, lua_CFunction fn) {
     int i;
+    for (i = 0; i < K_COUNT; i++) lua_pushstring(L, feed_strings[i]);
+    lua_pushcclosure(L, fn, K_COUNT);
+    lua_setfield(L, -2, name);
+}
+
+void xmppsm_open_parser(lua_State *L) {
     if (luaL_newmetatable(L, PARSER_MT)) {
         luaL_setfuncs(L, parser_meta, 0);
         luaL_newlib(L, parser_methods);
-        for (i = 0; i < K_COUNT; i++) lua_pushstring(L, feed_strings[i]);
-        lua_pushcclosure(L, l_feed, K_COUNT);
-        lua_setfield(L, -2, "feed");
+        set_keyed(L, "feed", l_feed);
         lua_setfield(L, -2, "__index");
         lua_pushliteral(L, PARSER_MT);
         lua_setfield(L, -2, "__name");
     }
     lua_pop(L, 1);
-    for (i = 0; i < K_COUNT; i++) lua_pushstring(L, feed_strings[i]);
-    lua_pushcclosure(L, l_parser, K_COUNT);
-    lua_setfield(L, -2, "parser");
+    set_keyed(L, "parser", l_parser);
+    set_keyed(L, "lazy_child_text", l_lazy_child_text);
+    set_keyed(L, "element_ns", l_element_ns);
     lua_pushcfunction(L, l_materialize);
     lua_setfield(L, -2, "materialize");
     lua_pushcfunction(L, l_adopt);
     lua_setfield(L, -2, "adopt");
     lua_pushcfunction(L, l_materialized);
     lua_setfield(L, -2, "_materialized");
-    lua_pushcfunction(L, l_lazy_child_text);
-    lua_setfield(L, -2, "lazy_child_text");
-    lua_pushcfunction(L, l_element_ns);
-    lua_setfield(L, -2, "element_ns");
 }

@@ -220,6 +220,15 @@ describe("xmppsm.core parser, lazy elements", function()
     assert.is_nil(rawget(d, "attr"))
     d.attr.xmlns = "jabber:client"               -- a built attr is read live, as element_ns does
     assert.same({ true, "in client" }, { core.lazy_child_text(d, "body") })
+    -- text that reached the parser in pieces (entities, CDATA, one byte per feed) is one text
+    local src = "<message><body>a &lt;<![CDATA[b<c]]>&#x41;\nz</body></message>"
+    local pieces
+    for i = 1, #src do
+      local ev, n = p:feed(src:sub(i, i))
+      if n > 0 then pieces = ev[2] end
+    end
+    assert.equal("a <b<cA\nz", pieces:get_child_text("body"))
+    assert.same({ true, "a <b<cA\nz" }, { core.lazy_child_text(pieces, "body") })
     -- a lazy element is a table: anything else is refused by the scanner
     assert.has_error(function() core.lazy_child_text("x") end)
     assert.is_nil((core.lazy_child_text({})))
