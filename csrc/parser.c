@@ -1202,25 +1202,15 @@ static int l_element_ns(lua_State *L) {
     return 1;
 }
 
-/* Pushes the text of the records at r (the REC_TEXT records up to the next other record; ""
- * when there are none). rec_text grows one record for adjacent text, so one record is the rule
- * and needs no buffer. */
-static void push_texts(lua_State *L, const char *r, const char *end) {
+/* Pushes the text of an element whose records continue at r: its one REC_TEXT record, or ""
+ * when there is none. Adjacent text always grows one record (rec_text: any other record ends
+ * it), so a second one in a row means the tape is damaged. */
+static void push_text(lua_State *L, const char *r, const char *end) {
     const char *t = "";
     size_t tlen = 0;
-    luaL_Buffer b;
     if (r < end && *r == REC_TEXT) r = get_str(r + 1, &t, &tlen);
-    if (r >= end || *r != REC_TEXT) {
-        lua_pushlstring(L, t, tlen);
-        return;
-    }
-    luaL_buffinit(L, &b);
-    luaL_addlstring(&b, t, tlen);
-    while (r < end && *r == REC_TEXT) {
-        r = get_str(r + 1, &t, &tlen);
-        luaL_addlstring(&b, t, tlen);
-    }
-    luaL_pushresult(&b);
+    if (r < end && *r == REC_TEXT) luaL_error(L, "xmppsm.parser: corrupt lazy element");
+    lua_pushlstring(L, t, tlen);
 }
 
 /* found, text = core.lazy_child_text(el, name, want [, pns])
@@ -1298,7 +1288,7 @@ static int l_lazy_child_text(lua_State *L) {
             if (ntag > 0) {
                 lua_pushnil(L);
             } else {
-                push_texts(L, r, end);
+                push_text(L, r, end);
             }
             return 2;
         default:
