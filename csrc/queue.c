@@ -4,7 +4,11 @@
  *   - the C struct `queue` (counters, limits, ring geometry);
  *   - user value 1: a Lua table with two array slots per ring slot i (0-based):
  *     [2i+1] the raw string, [2i+2] the caller's obj (nil when none);
- *   - user value 2: a plain userdata holding the ring of C records {stamp, size}.
+ *   - user value 2: a plain userdata holding the ring of C records {stamp};
+ *   - user value 3: nil until the first push with a note, then a table with one array slot per
+ *     ring slot, [i+1] the item's note: held strongly even when objs are weak (Stream
+ *     Management keeps each send's outcome callback there).
+ * An item's byte size is its raw string's length, read back when the item goes.
  * Both live in GC-owned memory, so a Lua error anywhere (out of memory included) leaks nothing
  * and collectgarbage("count") sees the queue's whole footprint. The value table is created at
  * the ring's capacity and only integer keys inside it are ever set, so it never rehashes and a
@@ -26,6 +30,7 @@
 
 #define UV_VALUES 1
 #define UV_RING 2
+#define UV_NOTES 3
 
 #define H_MAX 0xFFFFFFFFu
 /* Smallest ring once anything was pushed: shrinking below it would only churn allocations. */
@@ -42,7 +47,6 @@
 
 typedef struct {
     double stamp;
-    size_t size; /* bytes of the raw string: kept so limits need no Lua call on release */
 } qrec;
 
 typedef struct {
@@ -57,7 +61,9 @@ typedef struct {
     uint32_t acked;
     uint32_t pushed;
     int closed;
-    int weak; /* objs are held weakly (option weak_objects) */
+    int weak;        /* objs are held weakly (option weak_objects) */
+    int has_notes;   /* user value 3 is the notes table */
+    size_t notes;    /* items holding a note: results carry a notes table only when > 0 */
 } queue;
 
 /* ---- counters ---------------------------------------------------------------------------- */
@@ -153,7 +159,7 @@ static queue *new_queue(lua_State *L, int opts) {
         weak = lua_toboolean(L, -1);
         lua_pop(L, 1);
     }
-    q = (queue *)lua_newuserdatauv(L, sizeof *q, 2);
+    q = (queue *)lua_newuserdatauv(L, sizeof *q, 3);
     memset(q, 0, sizeof *q);
     q->ring = NULL;
     q->max_items = (size_t)max_items;
@@ -176,8 +182,9 @@ static queue *check_queue(lua_State *L) {
     return q;
 }
 
-/* Pushes a new ring userdata and value table for `cap` slots. Every resize allocates here first,
- * before the queue changes, so an out-of-memory error leaves the queue as it was. */
+/* Pushes a new ring userdata, value table and notes table (nil when the queue has none) for
+ * `cap` slots. Every resize allocates here first, before the queue changes, so an out-of-memory
+ * error leaves the queue as it was. */
 static qrec *alloc_storage(lua_State *L, const queue *q, size_t cap) {
     qrec *r;
     if (cap > SIZE_MAX / sizeof(qrec) || cap > (size_t)INT_MAX / 2)
@@ -187,29 +194,42 @@ static qrec *alloc_storage(lua_State *L, const queue *q, size_t cap) {
     /* Weak values: a collector clears only objects (tables), never the raw strings. */
     if (q->weak)
         luaL_setmetatable(L, WEAK_VALUES_MT);
+    if (q->has_notes)
+        lua_createtable(L, (int)cap, 0);
+    else
+        lua_pushnil(L);
     return r;
 }
 
-/* Moves items [from, count) into the storage alloc_storage pushed (ring below table on the top of
- * the stack), pops it into the user values, and drops items [0, from), which the caller has
- * already taken. Raises nothing: only rawget/rawset inside preallocated arrays. */
+/* Moves slot `from` of the table at index `ot` to slot `to` of the table at `nt`. */
+static void move_slot(lua_State *L, int ot, lua_Integer from, int nt, lua_Integer to) {
+    lua_rawgeti(L, ot, from);
+    lua_rawseti(L, nt, to);
+}
+
+/* Moves items [from, count) into the storage alloc_storage pushed (ring, value table, notes on the
+ * top of the stack), pops it into the user values, and drops items [0, from), which the caller
+ * has already taken. Raises nothing: only rawget/rawset inside preallocated arrays. */
 static void install_storage(lua_State *L, queue *q, qrec *nr, size_t cap, size_t from) {
-    int nt = lua_gettop(L), ot;
+    int nn = lua_gettop(L), nt = nn - 1, ot, on;
     size_t k;
     if (q->count > from) {
         lua_getiuservalue(L, 1, UV_VALUES);
         ot = lua_gettop(L);
+        lua_getiuservalue(L, 1, UV_NOTES);
+        on = lua_gettop(L);
         for (k = from; k < q->count; k++) {
             size_t oi = (q->head + k) & (q->cap - 1);
             lua_Integer ni = (lua_Integer)(k - from);
             nr[ni] = q->ring[oi];
-            lua_rawgeti(L, ot, (lua_Integer)(2 * oi + 1));
-            lua_rawseti(L, nt, 2 * ni + 1);
-            lua_rawgeti(L, ot, (lua_Integer)(2 * oi + 2));
-            lua_rawseti(L, nt, 2 * ni + 2);
+            move_slot(L, ot, (lua_Integer)(2 * oi + 1), nt, 2 * ni + 1);
+            move_slot(L, ot, (lua_Integer)(2 * oi + 2), nt, 2 * ni + 2);
+            if (q->has_notes)
+                move_slot(L, on, (lua_Integer)(oi + 1), nn, ni + 1);
         }
-        lua_pop(L, 1);
+        lua_pop(L, 2);
     }
+    lua_setiuservalue(L, 1, UV_NOTES);
     lua_setiuservalue(L, 1, UV_VALUES);
     lua_setiuservalue(L, 1, UV_RING);
     q->ring = nr;
@@ -226,25 +246,35 @@ static size_t shrink_target(size_t cap, size_t remaining) {
     return cap;
 }
 
-/* Removes the n oldest items and pushes them as a flat table {raw, obj or false, stamp, ...}.
+/* Removes the n oldest items and pushes them as a flat table {raw, obj or false, stamp, ...},
+ * then their notes as a table {[i] = note of item i} when any item holds a note, else nil.
  * All allocation happens before the first change, so a memory error leaves the queue intact. */
 static void release_oldest(lua_State *L, queue *q, size_t n) {
     size_t newcap = n ? shrink_target(q->cap, q->count - n) : q->cap, i;
+    int with_notes = q->notes > 0 && n > 0;
     qrec *nr = NULL;
-    int res, tab;
-    luaL_checkstack(L, 8, "queue release");
+    int res, notes, tab, ntab;
+    luaL_checkstack(L, 10, "queue release");
     lua_createtable(L, (int)(3 * n), 0); /* n <= count <= 2^29: fits an int */
     res = lua_gettop(L);
+    if (with_notes)
+        lua_createtable(L, (int)n, 0);
+    else
+        lua_pushnil(L);
+    notes = res + 1;
     if (newcap != q->cap)
         nr = alloc_storage(L, q, newcap);
     if (n == 0)
         return;
     lua_getiuservalue(L, 1, UV_VALUES);
     tab = lua_gettop(L);
+    lua_getiuservalue(L, 1, UV_NOTES);
+    ntab = tab + 1;
     for (i = 0; i < n; i++) {
         size_t oi = (q->head + i) & (q->cap - 1);
         lua_Integer r = (lua_Integer)(3 * i);
         lua_rawgeti(L, tab, (lua_Integer)(2 * oi + 1));
+        q->bytes -= lua_rawlen(L, -1);
         lua_rawseti(L, res, r + 1);
         if (lua_rawgeti(L, tab, (lua_Integer)(2 * oi + 2)) == LUA_TNIL) {
             lua_pop(L, 1);
@@ -253,23 +283,31 @@ static void release_oldest(lua_State *L, queue *q, size_t n) {
         lua_rawseti(L, res, r + 2);
         lua_pushnumber(L, q->ring[oi].stamp);
         lua_rawseti(L, res, r + 3);
-        q->bytes -= q->ring[oi].size;
+        if (with_notes) {
+            if (lua_rawgeti(L, ntab, (lua_Integer)(oi + 1)) != LUA_TNIL)
+                q->notes--;
+            lua_rawseti(L, notes, (lua_Integer)(i + 1));
+        }
         if (nr == NULL) { /* storage kept: drop our references so the GC can take them */
             lua_pushnil(L);
             lua_rawseti(L, tab, (lua_Integer)(2 * oi + 1));
             lua_pushnil(L);
             lua_rawseti(L, tab, (lua_Integer)(2 * oi + 2));
+            if (with_notes) {
+                lua_pushnil(L);
+                lua_rawseti(L, ntab, (lua_Integer)(oi + 1));
+            }
         }
     }
-    lua_pop(L, 1);
-    if (nr != NULL) { /* the old table and ring become garbage as a whole */
+    lua_pop(L, 2);
+    if (nr != NULL) { /* the old tables and ring become garbage as a whole */
         install_storage(L, q, nr, newcap, n);
     } else {
         q->head = (q->head + n) & (q->cap - 1);
         q->count -= n;
     }
     q->mods++;
-    lua_settop(L, res);
+    lua_settop(L, notes);
 }
 
 /* ---- methods ----------------------------------------------------------------------------- */
@@ -289,7 +327,7 @@ static int q_push(lua_State *L) {
     lua_tolstring(L, 2, &len);
     if (lua_type(L, 4) != LUA_TNUMBER)
         luaL_typeerror(L, 4, "number");
-    lua_settop(L, 4);
+    lua_settop(L, 5);
     if (q->count >= q->max_items)
         return queue_full(L, lua_pushfstring(L, "queue full: %I stanzas queued, max_items is %I",
                                              (lua_Integer)q->count, (lua_Integer)q->max_items));
@@ -306,14 +344,24 @@ static int q_push(lua_State *L) {
         qrec *nr = alloc_storage(L, q, newcap);
         install_storage(L, q, nr, newcap, 0);
     }
+    if (!lua_isnil(L, 5) && !q->has_notes) { /* the first note: the column comes into being */
+        lua_createtable(L, (int)q->cap, 0);
+        lua_setiuservalue(L, 1, UV_NOTES);
+        q->has_notes = 1;
+    }
     idx = (q->head + q->count) & (q->cap - 1);
     q->ring[idx].stamp = lua_tonumber(L, 4);
-    q->ring[idx].size = len;
     lua_getiuservalue(L, 1, UV_VALUES);
     lua_pushvalue(L, 2);
     lua_rawseti(L, -2, (lua_Integer)(2 * idx + 1));
     lua_pushvalue(L, 3);
     lua_rawseti(L, -2, (lua_Integer)(2 * idx + 2));
+    if (!lua_isnil(L, 5)) {
+        lua_getiuservalue(L, 1, UV_NOTES);
+        lua_pushvalue(L, 5);
+        lua_rawseti(L, -2, (lua_Integer)(idx + 1));
+        q->notes++;
+    }
     q->count++;
     q->bytes += len;
     q->pushed++;
@@ -332,11 +380,20 @@ static int q_unpush(lua_State *L) {
         return luaL_error(L, "unpush: the queue holds no stanza");
     idx = (q->head + q->count - 1) & (q->cap - 1);
     lua_getiuservalue(L, 1, UV_VALUES);
+    lua_rawgeti(L, -1, (lua_Integer)(2 * idx + 1));
+    q->bytes -= lua_rawlen(L, -1);
+    lua_pop(L, 1);
     lua_pushnil(L);
     lua_rawseti(L, -2, (lua_Integer)(2 * idx + 1));
     lua_pushnil(L);
     lua_rawseti(L, -2, (lua_Integer)(2 * idx + 2));
-    q->bytes -= q->ring[idx].size;
+    if (q->has_notes) {
+        lua_getiuservalue(L, 1, UV_NOTES);
+        if (lua_rawgeti(L, -1, (lua_Integer)(idx + 1)) != LUA_TNIL)
+            q->notes--;
+        lua_pushnil(L);
+        lua_rawseti(L, -3, (lua_Integer)(idx + 1));
+    }
     q->count--;
     q->pushed--;
     q->mods++;
@@ -368,16 +425,18 @@ static int q_ack(lua_State *L) {
         q->mods++;
     }
     lua_pushinteger(L, (lua_Integer)n);
-    return 2;
+    lua_insert(L, -2); /* items, n, notes */
+    return 3;
 }
 
 static int q_clear(lua_State *L) {
     queue *q = check_queue(L);
+    size_t n = q->count;
     lua_settop(L, 1);
-    lua_pushinteger(L, (lua_Integer)q->count);
-    release_oldest(L, q, q->count);
-    lua_insert(L, -2);
-    return 2;
+    release_oldest(L, q, n);
+    lua_pushinteger(L, (lua_Integer)n);
+    lua_insert(L, -2); /* items, n, notes */
+    return 3;
 }
 
 static int q_set_counter(lua_State *L) {
@@ -463,7 +522,11 @@ static int q_close(lua_State *L) {
         q->ring = NULL;
         q->cap = q->head = q->count = 0;
         q->bytes = 0;
+        q->notes = 0;
+        q->has_notes = 0;
         q->mods++;
+        lua_pushnil(L);
+        lua_setiuservalue(L, 1, UV_NOTES);
         lua_pushnil(L);
         lua_setiuservalue(L, 1, UV_VALUES);
         lua_pushnil(L);
@@ -547,9 +610,9 @@ static int q_snapshot(lua_State *L) {
         uint64_t bits;
         memcpy(&bits, &q->ring[i].stamp, sizeof bits);
         put_be(p, bits, 8);
-        put_be(p + 8, q->ring[i].size, 8);
         lua_rawgeti(L, tab, (lua_Integer)(2 * i + 1));
         raw = lua_tolstring(L, -1, &len);
+        put_be(p + 8, len, 8);
         memcpy(p + SNAP_ITEM, raw, len);
         lua_pop(L, 1);
         p += SNAP_ITEM + len;
@@ -629,7 +692,6 @@ static int l_queue_restore(lua_State *L) {
             uint64_t bits = get_be(s + pos, 8);
             size_t size = (size_t)get_be(s + pos + 8, 8);
             memcpy(&q->ring[k].stamp, &bits, sizeof bits);
-            q->ring[k].size = size;
             lua_pushlstring(L, (const char *)s + pos + SNAP_ITEM, size);
             lua_rawseti(L, -2, (lua_Integer)(2 * k + 1));
             pos += SNAP_ITEM + size;

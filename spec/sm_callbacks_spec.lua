@@ -1,9 +1,16 @@
--- Outcome callbacks are kept per send by the queue item's sequence number: these drive the SM
+-- Outcome callbacks are kept per send by the queue, as its item's note: these drive the SM
 -- object directly (a stand-in client, no server) through queue states a server cannot produce.
 local sm = require "xmppsm.sm"
 local stanza = require "xmppsm.stanza"
 
-describe("stream management callbacks, by sequence number", function()
+describe("stream management callbacks, kept by the queue", function()
+  -- Whether the callbacks `weak` refers to weakly were all let go.
+  local function released(weak)
+    collectgarbage()
+    collectgarbage()
+    return next(weak) == nil
+  end
+
   local function new_sm()
     local client = {
       state = "online", bare_jid = "a@b",
@@ -24,15 +31,18 @@ describe("stream management callbacks, by sequence number", function()
     s:send(stanza.message({}, "a")) -- seq 1, 2: no callbacks, then dropped by clear()
     s:send(stanza.message({}, "b"))
     s.queue:clear()
-    local got = {}
+    local got, weak = {}, setmetatable({}, { __mode = "k" })
     for _, body in ipairs { "c", "d" } do -- seq 3, 4
-      s:send(stanza.message({}, body), function(ok, _, st)
+      local cb = function(ok, _, st)
         got[#got + 1] = { ok, st:get_child_text("body") }
-      end)
+      end
+      weak[cb] = true
+      s:send(stanza.message({}, body), cb)
     end
+    assert.is_false(released(weak)) -- held while unacknowledged
     assert.is_true(s:_handle_h("4", "<a/>"))
     assert.same({ { true, "c" }, { true, "d" } }, got)
-    assert.is_nil(next(s.callbacks))
+    assert.is_true(released(weak))
   end)
 
   it("do not keep a stanza the program forgot: its outcome reads it back from the bytes", function()
@@ -84,14 +94,16 @@ describe("stream management callbacks, by sequence number", function()
   it("wrap around 2^32 with the counters", function()
     local s = new_sm()
     s.queue:set_counter(4294967294)
-    local got = {}
+    local got, weak = {}, setmetatable({}, { __mode = "k" })
     for i = 1, 4 do -- seq 4294967295, 0, 1, 2
-      s:send(stanza.message({}, "m" .. i), function(ok) got[#got + 1] = ok and i end)
+      local cb = function(ok) got[#got + 1] = ok and i end
+      weak[cb] = true
+      s:send(stanza.message({}, "m" .. i), cb)
     end
     assert.is_true(s:_handle_h("0", "<a/>"))
     assert.same({ 1, 2 }, got)
     assert.is_true(s:_handle_h("2", "<a/>"))
     assert.same({ 1, 2, 3, 4 }, got)
-    assert.is_nil(next(s.callbacks))
+    assert.is_true(released(weak))
   end)
 end)

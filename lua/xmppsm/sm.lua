@@ -64,12 +64,11 @@ function sm.new(client, given, store)
     client = client,
     opts = o,
     -- Weak objects: an unacknowledged stanza costs its bytes, not also a table the program
-    -- has forgotten (its outcome then gets it read back from the bytes).
+    -- has forgotten (its outcome then gets it read back from the bytes). Each item's note is
+    -- its send's outcome callback, held strongly: one per send, even when one stanza object
+    -- is sent twice.
     queue = core.queue{ max_items = o.max_queue, max_bytes = o.max_queue_bytes, weak_objects = true },
     unsent = {},           -- { raw=, st=, stamp=, cb= } in send order
-    -- A queued stanza's outcome callback, by the item's sequence number: one per send, even
-    -- when one stanza object is sent twice.
-    callbacks = {},
     enabled = false,       -- SM is on for the current stream
     -- From the end of online() until the connection ends: send() writes at once only then, so
     -- nothing a handler sends while the client comes online overtakes what was accepted before.
@@ -123,33 +122,17 @@ local function object_of(raw, obj)
   return obj or stanza.read_back(raw)
 end
 
--- The number just before the oldest item `q` holds (ack and clear hand out items base + 1,
--- base + 2, ...): counted back from the last pushed, which holds even after clear() dropped
--- items that an ack then skips.
-local function seq_base(q)
-  return (q:pushed() - q:count()) & 0xFFFFFFFF
-end
-
--- Takes the outcome callback of the queue item numbered `seq` (nil when it has none).
-function SM:_take_callback(seq)
-  local cb = self.callbacks[seq]
-  if cb then self.callbacks[seq] = nil end
-  return cb
-end
-
--- Settles the first `n` items of an ack's result (raw, obj, stamp each) as acknowledged; the
--- first of them is numbered `base` + 1.
+-- Settles the first `n` items of an ack's result (raw, obj, stamp each) as acknowledged;
+-- `callbacks` is the ack's notes (nil when no item has a callback).
 -- Runs for every acknowledged stanza: the lookups are made once per batch, and events nobody
 -- listens to cost a table lookup, not a call (nor a read-back stanza for a forgotten one).
-function SM:_acked(items, n, base)
-  local callbacks, stats = self.callbacks, self.stats
+function SM:_acked(items, n, callbacks)
+  local stats = self.stats
   local events = self.client.events
   local listeners = events.handlers   -- the same table for the emitter's life
   for i = 1, n do
     local raw, obj = items[3 * i - 2], items[3 * i - 1]
-    local seq = (base + i) & 0xFFFFFFFF
-    local cb = callbacks[seq]
-    if cb then callbacks[seq] = nil end
+    local cb = callbacks and callbacks[i]
     stats.acked = stats.acked + 1   -- per item: a callback below may read sm_state()
     local st = obj
     -- A callback declared as `function(ok)` could never see a read-back stanza: none is made.
@@ -186,8 +169,7 @@ function SM:_handle_h(h_text, where)
     self.client.events:fire("error", xmperror.new("sm", "bad-ack", "malformed h in " .. where))
     return true
   end
-  local base = seq_base(self.queue)
-  local items, n = self.queue:ack(h)
+  local items, n, callbacks = self.queue:ack(h)
   if not items then
     local text = string.format("the server acknowledged %d stanzas but only %d were sent",
                                core.h_diff(h, self.queue:acked()), self.queue:count())
@@ -206,7 +188,7 @@ function SM:_handle_h(h_text, where)
     return false
   end
   if n > 0 and self.store then self.store:acked(h, n) end
-  self:_acked(items, n, base)
+  self:_acked(items, n, callbacks)
   return true
 end
 
@@ -261,7 +243,7 @@ end
 -- failed) having sent nothing.
 function SM:_write(raw, st, stamp, cb, store)
   local queue = self.queue
-  local seq, _, qerr = queue:push(raw, st, stamp)
+  local seq, _, qerr = queue:push(raw, st, stamp, cb)
   if not seq then return nil, xmperror.new("send", "queue-full", qerr) end
   if store then
     local ok, serr = store:queued(raw, stamp)
@@ -270,7 +252,6 @@ function SM:_write(raw, st, stamp, cb, store)
       return nil, store_failed(serr)
     end
   end
-  if cb then self.callbacks[seq] = cb end
   self.client.conn:send_raw(raw)
   -- _ack_policy's own first test, here: while an <r/> is out (most sends) it has nothing to do.
   if not self.r_outstanding then self:_ack_policy() end
@@ -403,13 +384,12 @@ function SM:_session_lost(err)
   self.session = nil
   self.inbound, self.inbound_dirty = 0, false
   self.client.iq:fail_all(xmperror.new("iq", "session-lost", "the session was lost before the reply"))
-  local base = seq_base(self.queue)
-  local items, n = self.queue:clear()
+  local items, n, callbacks = self.queue:clear()
   self.queue:set_counter(0)
   local resend = {}
   for i = 1, n do
     local raw, obj, stamp = items[3 * i - 2], items[3 * i - 1], items[3 * i]
-    local cb = self:_take_callback((base + i) & 0xFFFFFFFF)
+    local cb = callbacks and callbacks[i]
     local st = object_of(raw, obj)
     local policy = self.opts.leftovers
     if type(policy) == "function" then
@@ -571,10 +551,9 @@ function SM:client_stopped(err)
   self:disconnected()
   local reason = err or xmperror.new("sm", "closed",
                                      "the client was closed before the server acknowledged it")
-  local base = seq_base(self.queue)
-  local items, n = self.queue:clear()
+  local items, n, callbacks = self.queue:clear()
   for i = 1, n do
-    self:_failed(items[3 * i - 2], items[3 * i - 1], reason, self:_take_callback((base + i) & 0xFFFFFFFF))
+    self:_failed(items[3 * i - 2], items[3 * i - 1], reason, callbacks and callbacks[i])
   end
   local unsent = self.unsent
   self.unsent = {}

@@ -589,6 +589,131 @@ describe("queue references", function()
   end)
 end)
 
+describe("queue notes", function()
+  local function collectable(make_and_drop)
+    local weak = setmetatable({}, { __mode = "v" })
+    make_and_drop(weak)
+    collectgarbage()
+    collectgarbage()
+    return weak[1] == nil
+  end
+
+  it("come back with their items from ack and clear; nil when no item holds one", function()
+    local q = core.queue()
+    q:push("a", nil, 1)
+    local items, n, notes = q:ack(1)
+    assert.equal(1, n)
+    assert.equal("a", items[1])
+    assert.is_nil(notes) -- no note pushed yet
+    q:push("b", nil, 2, "note b")
+    q:push("c", nil, 3)
+    q:push("d", nil, 4, "note d")
+    items, n, notes = q:ack(3)
+    assert.same({ "b", false, 2, "c", false, 3 }, items)
+    assert.equal(2, n)
+    assert.same({ "note b" }, notes) -- [2] is nil: c has none
+    assert.is_nil(notes[2])
+    items, n, notes = q:clear()
+    assert.same({ "d", false, 4 }, items)
+    assert.equal(1, n)
+    assert.same({ "note d" }, notes)
+    q:push("e", nil, 5)
+    items, n, notes = q:ack(q:pushed())
+    assert.same({ "e", false, 5 }, items)
+    assert.equal(1, n)
+    assert.is_nil(notes) -- the queue holds no note any more
+    items, n, notes = q:ack(q:pushed())
+    assert.same({}, items)
+    assert.equal(0, n)
+    assert.is_nil(notes)
+  end)
+
+  it("are held strongly by a weak queue, and dropped on ack, clear, unpush and close", function()
+    local q = core.queue({ weak_objects = true })
+    assert.is_false(collectable(function(weak)
+      local f = function() end
+      weak[1] = f
+      q:push("held", {}, 0, f)
+    end))
+    for _, release in ipairs {
+      function() q:ack(q:pushed()) end,
+      function() q:clear() end,
+      function() q:unpush() end,
+      function() q:close() end,
+    } do
+      assert.is_true(collectable(function(weak)
+        local f = function() end
+        weak[1] = f
+        q:push("x", {}, 0, f)
+        release()
+      end))
+    end
+  end)
+
+  it("unpush takes the newest item's note with it", function()
+    local q = core.queue()
+    q:push("a", nil, 1, "A")
+    q:push("b", nil, 2, "B")
+    q:unpush()
+    q:push("c", nil, 3)
+    local _, n, notes = q:ack(q:pushed())
+    assert.equal(2, n)
+    assert.same({ "A" }, notes)
+    assert.is_nil(notes[2])
+  end)
+
+  it("stay with their items when the ring grows, wraps and shrinks", function()
+    local q = core.queue({ max_items = 100000 })
+    local seq = 0
+    local function push(n)
+      for _ = 1, n do
+        seq = seq + 1
+        q:push("r" .. seq, nil, seq, seq % 3 ~= 0 and ("n" .. seq) or nil)
+      end
+    end
+    local function ack(upto)
+      local from = q:acked() + 1
+      local items, n, notes = q:ack(upto)
+      assert.equal(upto - from + 1, n)
+      for i = 1, n do
+        local s = from + i - 1
+        assert.equal("r" .. s, items[3 * i - 2])
+        assert.equal(s % 3 ~= 0 and ("n" .. s) or nil, notes and notes[i])
+      end
+    end
+    push(10); ack(6); push(12)    -- wraps inside 16 slots, then grows to 32
+    ack(20); push(5000)           -- grows to 8192
+    ack(4000)                     -- shrinks: about 1000 left
+    push(3); ack(seq - 1); ack(seq)
+    assert.equal(0, q:count())
+  end)
+
+  it("are not part of a snapshot", function()
+    local q = core.queue()
+    q:push("a", nil, 1, "A")
+    local r = core.queue_restore(q:snapshot())
+    local items, n, notes = r:ack(1)
+    assert.equal(1, n)
+    assert.equal("a", items[1])
+    assert.is_nil(notes)
+  end)
+
+  it("cost one 16-byte table slot per ring slot, only once a note was pushed", function()
+    local n, notes = 100000, {}
+    for i = 1, n do notes[i] = function() return i end end
+    collectgarbage()
+    collectgarbage()
+    local before = collectgarbage("count")
+    local q = core.queue({ max_items = n })
+    for i = 1, n do q:push("x", nil, i, notes[i]) end
+    collectgarbage()
+    collectgarbage()
+    local per_item = (collectgarbage("count") - before) * 1024 / n
+    -- an 8-byte stamp and three 16-byte slots per ring slot, at most twice the item count
+    assert.is_true(per_item <= 2 * 56 + 1, per_item)
+  end)
+end)
+
 describe("queue methods", function()
   it("refuse anything but a queue as self, other userdata included", function()
     local q = core.queue()
@@ -826,7 +951,7 @@ describe("queue snapshot", function()
 end)
 
 describe("queue against a model", function()
-  -- The model: a Lua list of {seq, raw, obj, stamp}, the counters, and the count of sent
+  -- The model: a Lua list of {seq, raw, obj, stamp, note}, the counters, and the count of sent
   -- stanzas dropped by clear() (they stay acknowledgeable).
   local function model_new(start)
     return { items = {}, acked = start, pushed = start, bytes = 0 }
@@ -842,6 +967,18 @@ describe("queue against a model", function()
     for i, it in ipairs(listing(q)) do
       assert.is_true(rawequal(it.obj, m.items[i].obj), ctx)
     end
+  end
+
+  -- What ack and clear return as notes when `released` items go: nil unless some held item
+  -- has a note, else {[i] = note of released item i}.
+  local function expected_notes(m, released)
+    local any = false
+    for _, it in ipairs(m.items) do any = any or it.note ~= nil end
+    for _, it in ipairs(released) do any = any or it.note ~= nil end
+    if not any or #released == 0 then return nil end
+    local notes = {}
+    for i, it in ipairs(released) do notes[i] = it.note end
+    return notes
   end
 
   local function run(seed, steps)
@@ -869,12 +1006,13 @@ describe("queue against a model", function()
       elseif r <= 55 then
         local raw = string.rep(string.char(math.random(0, 255)), math.random(0, 30))
         local obj = math.random(2) == 1 and {} or nil
+        local note = ({ nil, function() end, "n" .. step })[math.random(3)]
         local stamp = step + math.random()
-        local seq, cond = q:push(raw, obj, stamp)
+        local seq, cond = q:push(raw, obj, stamp, note)
         if #m.items < max_items and m.bytes + #raw <= max_bytes then
           m.pushed = core.h_add(m.pushed, 1)
           assert.equal(m.pushed, seq, ctx)
-          m.items[#m.items + 1] = { seq = seq, raw = raw, obj = obj or false, stamp = stamp }
+          m.items[#m.items + 1] = { seq = seq, raw = raw, obj = obj or false, stamp = stamp, note = note }
           m.bytes = m.bytes + #raw
           counts.push = counts.push + 1
         else
@@ -884,18 +1022,20 @@ describe("queue against a model", function()
         end
       elseif r <= 85 then
         local h = core.h_add(m.acked, math.random(0, outstanding))
-        local items, n = q:ack(h)
-        local released = {}
+        local items, n, notes = q:ack(h)
+        local released, gone = {}, {}
         while m.items[1] and core.h_diff(h, m.items[1].seq) < 2 ^ 31 do
           local it = table.remove(m.items, 1)
           released[#released + 1] = it.raw
           released[#released + 1] = it.obj
           released[#released + 1] = it.stamp
+          gone[#gone + 1] = it
           m.bytes = m.bytes - #it.raw
         end
         m.acked = h
         assert.equal(#released // 3, n, ctx)
         assert.same(released, items, ctx)
+        assert.same(expected_notes(m, gone), notes, ctx)
         counts.ack = counts.ack + 1
       elseif r <= 92 then
         -- too high: one more than sent, or anything up to a stale h
@@ -905,13 +1045,15 @@ describe("queue against a model", function()
         assert.equal("handled-count-too-high", cond, ctx)
         counts.high = counts.high + 1
       elseif r <= 95 then
-        local items, n = q:clear()
+        local items, n, notes = q:clear()
         assert.equal(#m.items, n, ctx)
         for i, it in ipairs(m.items) do
           assert.equal(it.raw, items[3 * i - 2], ctx)
           assert.is_true(rawequal(it.obj, items[3 * i - 1]), ctx)
         end
+        local gone = m.items
         m.items, m.bytes = {}, 0
+        assert.same(expected_notes(m, gone), notes, ctx)
         if math.random(2) == 1 then
           local h = math.random(0, MAX)
           q:set_counter(h)
@@ -923,7 +1065,7 @@ describe("queue against a model", function()
         assert.is_userdata(nq, ctx)
         q = nq
         for _, it in ipairs(m.items) do
-          it.obj = false
+          it.obj, it.note = false, nil -- a snapshot keeps bytes and stamps only
         end
         counts.restore = counts.restore + 1
       end
@@ -963,9 +1105,9 @@ describe("queue memory", function()
     collectgarbage()
     collectgarbage()
     local per_item = (collectgarbage("count") - before) * 1024 / n
-    -- the strings existed before: this is the queue's own cost, 16 bytes of record and two
+    -- the strings existed before: this is the queue's own cost, an 8-byte stamp and two
     -- 16-byte table slots per ring slot, the ring being at most twice the item count
-    assert.is_true(per_item <= 2 * 48 + 1, per_item)
+    assert.is_true(per_item <= 2 * 40 + 1, per_item)
     if os.getenv("XMPPSM_QUEUE_MEM") then
       io.stderr:write(("queue overhead: %.1f bytes per item at %d items\n"):format(per_item, n))
     end
