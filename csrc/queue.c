@@ -35,12 +35,12 @@
 #define H_MAX 0xFFFFFFFFu
 /* Smallest ring once anything was pushed: shrinking below it would only churn allocations. */
 #define MIN_CAP ((size_t)16)
-/* A ring never shrinks below this (48 KiB with its value table): a client that sends bursts of
+/* A ring never shrinks below this (40 KiB with its value table): a client that sends bursts of
  * up to a thousand stanzas, each acknowledged as a whole, would otherwise shrink to MIN_CAP and
  * grow back, copying every item, once per burst. Larger rings still shrink. */
 #define KEEP_CAP ((size_t)1024)
-/* Capacities are powers of two at most 2^29, so the value table (2 slots per item) and an ack's
- * result table (3 slots per item) stay inside an int and Lua's array size limit. */
+/* Capacities are at most max_items, at most 2^29, so the value table (2 slots per item) and an
+ * ack's result table (3 slots per item) stay inside an int and Lua's array size limit. */
 #define MAX_ITEMS_LIMIT ((lua_Integer)1 << 29)
 #define DEFAULT_MAX_ITEMS 10000
 #define DEFAULT_MAX_BYTES ((lua_Integer)16 * 1024 * 1024)
@@ -51,7 +51,7 @@ typedef struct {
 
 typedef struct {
     qrec *ring;  /* points into user value 2; NULL when cap == 0 or closed */
-    size_t cap;  /* 0 or a power of two */
+    size_t cap;  /* slots in the ring; 0 before the first push and once closed */
     size_t head; /* ring index of the oldest item */
     size_t count;
     uint64_t bytes;
@@ -182,6 +182,13 @@ static queue *check_queue(lua_State *L) {
     return q;
 }
 
+/* The ring index of the item `k` places after the oldest (k <= cap, head < cap). Any capacity
+ * works: no power of two, whose mask would cost up to half the ring in unused slots. */
+static size_t slot(const queue *q, size_t k) {
+    size_t i = q->head + k;
+    return i >= q->cap ? i - q->cap : i;
+}
+
 /* Pushes a new ring userdata, value table and notes table (nil when the queue has none) for
  * `cap` slots. Every resize allocates here first, before the queue changes, so an out-of-memory
  * error leaves the queue as it was. */
@@ -219,7 +226,7 @@ static void install_storage(lua_State *L, queue *q, qrec *nr, size_t cap, size_t
         lua_getiuservalue(L, 1, UV_NOTES);
         on = lua_gettop(L);
         for (k = from; k < q->count; k++) {
-            size_t oi = (q->head + k) & (q->cap - 1);
+            size_t oi = slot(q, k);
             lua_Integer ni = (lua_Integer)(k - from);
             nr[ni] = q->ring[oi];
             move_slot(L, ot, (lua_Integer)(2 * oi + 1), nt, 2 * ni + 1);
@@ -238,11 +245,19 @@ static void install_storage(lua_State *L, queue *q, qrec *nr, size_t cap, size_t
     q->count -= from;
 }
 
-/* Halves while at most a quarter full: with doubling on full, push and ack stay O(1) amortized,
- * and a burst (say 10000 stanzas queued during an outage) does not pin its memory forever. */
+/* A full ring grows by half, never past max_items: at most a third of it stands empty after
+ * growth (a doubling ring: half), and a queue never holds room for more than it may take. */
+static size_t grow_target(const queue *q) {
+    size_t cap = q->cap ? q->cap + q->cap / 2 : MIN_CAP;
+    return cap < q->max_items ? cap : q->max_items;
+}
+
+/* Halves while at most a quarter full, not below KEEP_CAP: with growth by half on full, push and
+ * ack stay O(1) amortized, and a burst (say 10000 stanzas queued during an outage) does not pin
+ * its memory forever. */
 static size_t shrink_target(size_t cap, size_t remaining) {
     while (cap > KEEP_CAP && remaining <= cap / 4)
-        cap /= 2;
+        cap = cap / 2 > KEEP_CAP ? cap / 2 : KEEP_CAP;
     return cap;
 }
 
@@ -271,7 +286,7 @@ static void release_oldest(lua_State *L, queue *q, size_t n) {
     lua_getiuservalue(L, 1, UV_NOTES);
     ntab = tab + 1;
     for (i = 0; i < n; i++) {
-        size_t oi = (q->head + i) & (q->cap - 1);
+        size_t oi = slot(q, i);
         lua_Integer r = (lua_Integer)(3 * i);
         lua_rawgeti(L, tab, (lua_Integer)(2 * oi + 1));
         q->bytes -= lua_rawlen(L, -1);
@@ -303,7 +318,7 @@ static void release_oldest(lua_State *L, queue *q, size_t n) {
     if (nr != NULL) { /* the old tables and ring become garbage as a whole */
         install_storage(L, q, nr, newcap, n);
     } else {
-        q->head = (q->head + n) & (q->cap - 1);
+        q->head = slot(q, n);
         q->count -= n;
     }
     q->mods++;
@@ -340,7 +355,7 @@ static int q_push(lua_State *L) {
     if (outstanding == H_MAX)
         return queue_full(L, "queue full: 4294967295 stanzas sent and unacknowledged");
     if (q->count == q->cap) {
-        size_t newcap = q->cap ? q->cap * 2 : MIN_CAP;
+        size_t newcap = grow_target(q);
         qrec *nr = alloc_storage(L, q, newcap);
         install_storage(L, q, nr, newcap, 0);
     }
@@ -349,7 +364,7 @@ static int q_push(lua_State *L) {
         lua_setiuservalue(L, 1, UV_NOTES);
         q->has_notes = 1;
     }
-    idx = (q->head + q->count) & (q->cap - 1);
+    idx = slot(q, q->count);
     q->ring[idx].stamp = lua_tonumber(L, 4);
     lua_getiuservalue(L, 1, UV_VALUES);
     lua_pushvalue(L, 2);
@@ -378,7 +393,7 @@ static int q_unpush(lua_State *L) {
     size_t idx;
     if (q->count == 0)
         return luaL_error(L, "unpush: the queue holds no stanza");
-    idx = (q->head + q->count - 1) & (q->cap - 1);
+    idx = slot(q, q->count - 1);
     lua_getiuservalue(L, 1, UV_VALUES);
     lua_rawgeti(L, -1, (lua_Integer)(2 * idx + 1));
     q->bytes -= lua_rawlen(L, -1);
@@ -489,7 +504,7 @@ static int q_each_step(lua_State *L) {
         return luaL_error(L, QUEUE_MT " changed during each()");
     if (k >= q->count)
         return 0;
-    i = (q->head + k) & (q->cap - 1);
+    i = slot(q, k);
     lua_pushinteger(L, (lua_Integer)(k + 1));
     lua_replace(L, lua_upvalueindex(3));
     lua_pushinteger(L, (lua_Integer)(uint32_t)(q->pushed - (uint32_t)q->count + (uint32_t)k + 1u));
@@ -605,7 +620,7 @@ static int q_snapshot(lua_State *L) {
     put_be(p + 13, q->count, 4);
     p += SNAP_HEADER;
     for (k = 0; k < q->count; k++) {
-        size_t i = (q->head + k) & (q->cap - 1), len;
+        size_t i = slot(q, k), len;
         const char *raw;
         uint64_t bits;
         memcpy(&bits, &q->ring[i].stamp, sizeof bits);
@@ -683,8 +698,7 @@ static int l_queue_restore(lua_State *L) {
     count = (size_t)get_be(s + 13, 4);
     if (count > 0) {
         qrec *nr;
-        for (cap = MIN_CAP; cap < count; cap *= 2)
-            ;
+        cap = count > MIN_CAP ? count : MIN_CAP;
         nr = alloc_storage(L, q, cap);
         install_storage(L, q, nr, cap, 0);
         lua_getiuservalue(L, 1, UV_VALUES);

@@ -697,21 +697,6 @@ describe("queue notes", function()
     assert.equal("a", items[1])
     assert.is_nil(notes)
   end)
-
-  it("cost one 16-byte table slot per ring slot, only once a note was pushed", function()
-    local n, notes = 100000, {}
-    for i = 1, n do notes[i] = function() return i end end
-    collectgarbage()
-    collectgarbage()
-    local before = collectgarbage("count")
-    local q = core.queue({ max_items = n })
-    for i = 1, n do q:push("x", nil, i, notes[i]) end
-    collectgarbage()
-    collectgarbage()
-    local per_item = (collectgarbage("count") - before) * 1024 / n
-    -- an 8-byte stamp and three 16-byte slots per ring slot, at most twice the item count
-    assert.is_true(per_item <= 2 * 56 + 1, per_item)
-  end)
 end)
 
 describe("queue methods", function()
@@ -1089,28 +1074,45 @@ describe("queue against a model", function()
 end)
 
 describe("queue memory", function()
-  it("costs the raw string plus a small constant per item", function()
-    local n = 100000
+  -- Lua heap per item of a queue holding `n` distinct 100-byte strings (which existed before:
+  -- this is the queue's own cost).
+  local function per_item(n, opts, note)
     local raws = {}
     for i = 1, n do
-      raws[i] = ("%099d"):format(i) .. "x" -- 100 bytes, all distinct
+      raws[i] = ("%099d"):format(i) .. "x"
     end
     collectgarbage()
     collectgarbage()
     local before = collectgarbage("count")
-    local q = core.queue({ max_items = n })
+    local q = core.queue(opts)
     for i = 1, n do
-      q:push(raws[i], nil, i)
+      q:push(raws[i], nil, i, note)
     end
     collectgarbage()
     collectgarbage()
-    local per_item = (collectgarbage("count") - before) * 1024 / n
-    -- the strings existed before: this is the queue's own cost, an 8-byte stamp and two
-    -- 16-byte table slots per ring slot, the ring being at most twice the item count
-    assert.is_true(per_item <= 2 * 40 + 1, per_item)
-    if os.getenv("XMPPSM_QUEUE_MEM") then
-      io.stderr:write(("queue overhead: %.1f bytes per item at %d items\n"):format(per_item, n))
-    end
     assert.equal(n, q:count())
+    return (collectgarbage("count") - before) * 1024 / n
+  end
+
+  it("costs the raw string plus a small constant per item", function()
+    -- an 8-byte stamp and two 16-byte table slots per ring slot; the ring grows by half, so it
+    -- has at most 1.5 slots per item (100000 items: 118,342 slots)
+    local cost = per_item(100000, { max_items = 1000000 })
+    assert.is_true(cost <= 1.5 * 40 + 1, cost)
+    if os.getenv("XMPPSM_QUEUE_MEM") then
+      io.stderr:write(("queue overhead: %.1f bytes per item at %d items\n"):format(cost, 100000))
+    end
+  end)
+
+  it("never holds room for more than max_items", function()
+    -- growth stops at max_items: 10000 items in 10000 slots (growing by half from 16 would
+    -- have given 10,390, doubling 16,384)
+    local cost = per_item(10000, { max_items = 10000 })
+    assert.is_true(cost <= 40 + 1, cost)
+  end)
+
+  it("costs one more 16-byte slot per ring slot with notes", function()
+    local cost = per_item(10000, { max_items = 10000 }, "note")
+    assert.is_true(cost <= 56 + 1, cost)
   end)
 end)
