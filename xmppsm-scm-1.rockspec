@@ -31,7 +31,7 @@ build = {
          sources = {
             "csrc/core.c", "csrc/parser.c", "csrc/serialize.c", "csrc/queue.c",
             "csrc/crypto.c", "csrc/clock.c", "csrc/file.c", "csrc/poll.c", "csrc/sockopt.c",
-            "csrc/arity.c", "csrc/xmlns.c",
+            "csrc/arity.c", "csrc/xmlns.c", "csrc/stanza_kinds.c",
          },
          libraries = { "expat", "crypto" },
          incdirs = { "csrc", "$(EXPAT_INCDIR)", "$(OPENSSL_INCDIR)" },

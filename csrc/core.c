@@ -16,5 +16,6 @@ int luaopen_xmppsm_core(lua_State *L) {
     xmppsm_open_poll(L);
     xmppsm_open_sockopt(L);
     xmppsm_open_arity(L);
+    xmppsm_open_stanza_kinds(L);
     return 1;
 }

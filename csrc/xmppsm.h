@@ -19,6 +19,7 @@ void xmppsm_open_file(lua_State *L);
 void xmppsm_open_poll(lua_State *L);
 void xmppsm_open_sockopt(lua_State *L);
 void xmppsm_open_arity(lua_State *L);
+void xmppsm_open_stanza_kinds(lua_State *L);
 
 /* The file descriptor at `arg`: an integer (a string is refused, not converted) in 0..INT_MAX,
  * else a Lua error. */

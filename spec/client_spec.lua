@@ -125,6 +125,38 @@ describe("client against Prosody", function()
     assert.equal(n, #seen)
   end)
 
+  it("shows sent stanzas to a rawOut handler added while online, and none once removed", function()
+    local a = start(new_client(server, "alice"))
+    local got = {}
+    a:on("message", function(m) got[#got + 1] = m:get_child_text("body") end)
+    online(a)
+    local function send(body)
+      a:send(stanza.message({ to = a:jid(), type = "chat" }, body))
+      wait.until_true(function() return got[#got] == body end, 5, "message " .. body)
+    end
+    send("before")
+    local seen = {}
+    local function log(s) seen[#seen + 1] = s end
+    a:on("rawOut", log)
+    send("during")
+    local all = table.concat(seen)
+    assert.matches("<body>during</body>", all, 1, true)
+    assert.is_nil(all:find("before", 1, true))
+    a:off("rawOut", log)
+    local n = #seen
+    send("after")
+    assert.equal(n, #seen)
+  end)
+
+  it("refuses to send what is not a stanza", function()
+    local c = new_client(server, "alice")
+    for _, v in ipairs { "<message/>", { name = "message", attr = {} }, 42 } do
+      local ok, err = pcall(c.send, c, v)
+      assert.is_false(ok)
+      assert.matches("send%(%) takes a stanza", err)
+    end
+  end)
+
   it("exchanges messages between two clients", function()
     local a = start(new_client(server, "alice"))
     local b = start(new_client(server, "bob"))

@@ -29,6 +29,7 @@ local session = require "xmppsm.session"
 local sm = require "xmppsm.sm"
 local store = require "xmppsm.store"
 local stanza = require "xmppsm.stanza"
+local is_stanza = stanza.is_stanza
 local xmperror = require "xmppsm.error"
 
 local client = {}
@@ -71,6 +72,7 @@ function client.new(opts)
     neg = false,           -- the session being negotiated (read for every stanza received)
   }, Client)
   self.events = events.new(function(name, err) self:_handler_error(name, err) end)
+  self.raw_out = function(bytes) self:_raw("rawOut", bytes) end
   self.iq = iq.new(self)
   self.iq:add_handler(ns.ping, function(ping) return stanza.reply(ping) end)
   if o.sm ~= false then
@@ -117,12 +119,25 @@ end
 --- Adds `fn` as a handler of event `name` (higher `priority` runs first).
 function Client:addEventHandler(name, fn, priority)
   self.events:add(name, fn, priority)
+  if name == "rawOut" then self:_sync_raw_out() end
   return self
 end
 
 --- Removes a handler added with `addEventHandler`.
 function Client:removeEventHandler(name, fn)
-  return self.events:remove(name, fn)
+  local removed = self.events:remove(name, fn)
+  if name == "rawOut" then self:_sync_raw_out() end
+  return removed
+end
+
+-- The connection's raw_out hook runs for every stanza sent: it is there only while a rawOut
+-- handler is, so traffic nobody logs costs no call.
+function Client:_raw_out_hook()
+  return self.events.handlers.rawOut and self.raw_out or nil
+end
+
+function Client:_sync_raw_out()
+  if self.conn then self.conn.hooks.raw_out = self:_raw_out_hook() end
 end
 
 --- Short for `Client:addEventHandler`.
@@ -204,7 +219,7 @@ function Client:_attempt()
     on_end = function(err) self:_on_end(conn, err) end,
     -- bytes is false for a stanza parsed before the first rawIn listener came (see wants_raw)
     raw_in = function(bytes) if bytes and self.events.handlers.rawIn then self:_raw("rawIn", bytes) end end,
-    raw_out = function(bytes) if self.events.handlers.rawOut then self:_raw("rawOut", bytes) end end,
+    raw_out = self:_raw_out_hook(),
     wants_raw = function() return self.events.handlers.rawIn ~= nil end,
   })
   local neg = session.new(self, conn)
@@ -376,7 +391,7 @@ end
 -- (the default), `callback(ok, err, st)` is called exactly once: `true` when the server
 -- acknowledged the stanza, `false, err` when it failed.
 function Client:send(st, callback)
-  if not stanza.is_stanza(st) then error("send() takes a stanza", 2) end
+  if not is_stanza(st) then error("send() takes a stanza", 2) end
   if self.sm then return self.sm:send(st, callback) end
   local raw, err = core.serialize(st)
   if not raw then return nil, xmperror.new("send", "invalid-xml", err) end

@@ -35,8 +35,8 @@
 -- @module xmppsm.stanza
 local core = require "xmppsm.core"
 
-local type, error, setmetatable, getmetatable, tostring, pairs, ipairs =
-  type, error, setmetatable, getmetatable, tostring, pairs, ipairs
+local type, error, setmetatable, tostring, pairs, ipairs =
+  type, error, setmetatable, tostring, pairs, ipairs
 local rawget, rawset, rawlen, next = rawget, rawset, rawlen, next
 local concat = table.concat
 local serialize, materialize, lazy_child_text = core.serialize, core.materialize, core.lazy_child_text
@@ -51,6 +51,9 @@ local stanza_mt = { __name = "xmppsm.stanza", __index = methods }
 -- The metatable of message()'s compact messages (filled in below, see stanza.message).
 -- `__xmppsm_body` tells the serializer (csrc/serialize.c) to write the element as it is.
 local compact_message_mt = { __name = "xmppsm.stanza", __xmppsm_stanza_mt = stanza_mt, __xmppsm_body = true }
+-- In C (csrc/stanza_kinds.c): every send() asks the first, every message() with a body calls
+-- the second.
+local is_stanza, compact_message = core.stanza_kinds(stanza_mt, compact_message_mt)
 
 -- Builder positions: element -> stack of open descendants, innermost last. Weak keys so a
 -- stanza that is dropped mid-build does not leak; an entry goes away when `up()` reaches the top.
@@ -143,14 +146,11 @@ end
 
 --- Whether `x` is a stanza: has `stanza.metatable`, or is a parser's lazy stanza or a compact
 -- element of `message()` (both switch to `stanza.metatable` on first use).
+-- Its real metatable counts: a `__metatable` field does not make a table a stanza.
+-- @function is_stanza
 -- @param x any value
 -- @treturn boolean
-function stanza.is_stanza(x)
-  local mt = getmetatable(x)
-  -- compact_message_mt is also found by the last test; named first because every send() asks
-  return mt == stanza_mt or mt == compact_message_mt
-    or (type(mt) == "table" and rawget(mt, "__xmppsm_stanza_mt") == stanza_mt)
-end
+stanza.is_stanza = is_stanza
 
 --- The metatable of stanzas, for the parser's `stanza_mt` option.
 stanza.metatable = stanza_mt
@@ -543,11 +543,8 @@ function compact_message_mt.__pairs(el) return next, expand_message(el), nil end
 -- @return the stanza, at the top builder position
 function stanza.message(attr, body)
   if body == nil then return new_element("message", attr, 2) end
-  if attr ~= nil and type(attr) ~= "table" then
-    error("attributes must be a table, got " .. type(attr), 2)
-  end
-  if type(body) ~= "string" then error("text must be a string, got " .. type(body), 2) end
-  return setmetatable({ name = "message", attr = attr or {}, [BODY] = body }, compact_message_mt)
+  -- Checks both (an error names the line that called message()), builds the compact message.
+  return compact_message(attr, body)
 end
 
 --- A `<presence>`.
