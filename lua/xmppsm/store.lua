@@ -371,11 +371,25 @@ local function rollback(self)
   self.items_bytes = sp.items_bytes
 end
 
+-- Rebases the items to start at index 1 once more of the index range is freed than held:
+-- with ever-growing indices the live ones would leave the arrays' array part for their hash
+-- part, where every append and release churns nodes and rehashes. O(held), at most once per
+-- as many releases: O(1) amortized.
+local REBASE_AFTER = 256
+
 -- Frees the entries that acknowledgements released.
 local function settle(self)
   local raws, stamps = self.raws, self.stamps
-  for i = self.gc, self.head - 1 do raws[i], stamps[i] = nil, nil end
-  self.gc = self.head
+  local head, tail = self.head, self.tail
+  for i = self.gc, head - 1 do raws[i], stamps[i] = nil, nil end
+  self.gc = head
+  local held = tail - head + 1
+  if head > REBASE_AFTER and head > held then
+    table.move(raws, head, tail, 1)
+    table.move(stamps, head, tail, 1)
+    for i = head, tail do raws[i], stamps[i] = nil, nil end  -- head > held: no overlap
+    self.head, self.tail, self.gc = 1, held, 1
+  end
 end
 
 -- rtype nil: persist a full snapshot (replace).

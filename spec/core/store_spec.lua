@@ -414,6 +414,35 @@ describe("xmppsm.store", function()
     assert.equal("float", math.type(state.items[1].stamp))
   end)
 
+  it("keeps its item indices bounded however many stanzas pass through", function()
+    -- Items are rebased to start at 1 once more of their index range is freed than held, so
+    -- the arrays stay dense (their array part, no hash churn). The state stays the model's.
+    local s = open(path, { durability = "none" })
+    assert.is_true(s:enabled(session(1)))
+    local model = child.empty()
+    model.session = session(1)
+    local n, h = 0, 0
+    for round = 1, 60 do
+      for _ = 1, 100 do
+        n = n + 1
+        local raw, stamp = "m" .. n, n + 0.5
+        assert.is_true(s:queued(raw, stamp))
+        model.items[#model.items + 1] = { raw = raw, stamp = stamp }
+      end
+      local released = round % 7 == 0 and #model.items or 90
+      h = h + released
+      assert.is_true(s:acked(h, released))
+      child.apply(model, "acked", { h, released })
+      local held = #model.items
+      assert.is_true(s.tail - s.head + 1 == held and s.tail <= 2 * held + 256 + 100,
+                     "round " .. round .. ": items at " .. s.head .. ".." .. s.tail)
+      assert.same(model, s:state(), "round " .. round)
+    end
+    assert.is_true(n > 5000)
+    s:close()
+    assert.same(model, reload(path))
+  end)
+
   it("matches a model through a long random sequence of mutations and reopenings", function()
     local seed = os.time()
     math.randomseed(seed)
