@@ -100,52 +100,48 @@ describe("client against Prosody", function()
     assert.matches("SASL payload hidden", all, 1, true)
   end)
 
-  it("shows received stanzas to a rawIn handler added while online, and none once removed", function()
-    local a = start(new_client(server, "alice"))
-    local b = start(new_client(server, "bob"))
+  -- Sends "before", "during" and "after" from `a` to `to`, each waited for at `rx`, with a
+  -- handler of `event` on `watcher` only around "during". Returns what the handler saw, and
+  -- how much of it it had seen when it was removed.
+  local function traffic_seen(a, rx, to, watcher, event)
     local got = {}
-    b:on("message", function(m) got[#got + 1] = m:get_child_text("body") end)
-    online(a) online(b)
+    rx:on("message", function(m) got[#got + 1] = m:get_child_text("body") end)
     local function send(body)
-      a:send(stanza.message({ to = "bob@" .. DOMAIN, type = "chat" }, body))
-      wait.until_true(function() return got[#got] == body end, 5, "message " .. body)
-    end
-    send("before")                      -- nobody logs: the parser keeps no raw bytes
-    local seen = {}
-    local function log(s) seen[#seen + 1] = s end
-    b:on("rawIn", log)
-    send("during")
-    local all = table.concat(seen)
-    assert.matches("<body>during</body>", all, 1, true)
-    assert.is_nil(all:find("before", 1, true))
-    for _, s in ipairs(seen) do assert.is_string(s) end
-    b:off("rawIn", log)
-    local n = #seen
-    send("after")
-    assert.equal(n, #seen)
-  end)
-
-  it("shows sent stanzas to a rawOut handler added while online, and none once removed", function()
-    local a = start(new_client(server, "alice"))
-    local got = {}
-    a:on("message", function(m) got[#got + 1] = m:get_child_text("body") end)
-    online(a)
-    local function send(body)
-      a:send(stanza.message({ to = a:jid(), type = "chat" }, body))
+      a:send(stanza.message({ to = to, type = "chat" }, body))
       wait.until_true(function() return got[#got] == body end, 5, "message " .. body)
     end
     send("before")
     local seen = {}
     local function log(s) seen[#seen + 1] = s end
-    a:on("rawOut", log)
+    watcher:on(event, log)
     send("during")
+    watcher:off(event, log)
+    local when_removed = #seen
+    send("after")
+    return seen, when_removed
+  end
+
+  it("shows received stanzas to a rawIn handler added while online, and none once removed", function()
+    local a = start(new_client(server, "alice"))
+    local b = start(new_client(server, "bob"))
+    online(a) online(b)
+    -- "before": nobody logs, so the parser keeps no raw bytes
+    local seen, when_removed = traffic_seen(a, b, "bob@" .. DOMAIN, b, "rawIn")
     local all = table.concat(seen)
     assert.matches("<body>during</body>", all, 1, true)
     assert.is_nil(all:find("before", 1, true))
-    a:off("rawOut", log)
-    local n = #seen
-    send("after")
-    assert.equal(n, #seen)
+    for _, s in ipairs(seen) do assert.is_string(s) end
+    assert.equal(when_removed, #seen)
+  end)
+
+  it("shows sent stanzas to a rawOut handler added while online, and none once removed", function()
+    local a = start(new_client(server, "alice"))
+    online(a)
+    local seen, when_removed = traffic_seen(a, a, a:jid(), a, "rawOut")
+    local all = table.concat(seen)
+    assert.matches("<body>during</body>", all, 1, true)
+    assert.is_nil(all:find("before", 1, true))
+    assert.equal(when_removed, #seen)
   end)
 
   it("refuses to send what is not a stanza", function()

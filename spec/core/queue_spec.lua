@@ -525,15 +525,16 @@ describe("queue:clear", function()
   end)
 end)
 
-describe("queue references", function()
-  local function collectable(make_and_drop)
-    local weak = setmetatable({}, { __mode = "v" })
-    make_and_drop(weak)
-    collectgarbage()
-    collectgarbage()
-    return weak[1] == nil
-  end
+-- Whether what `make_and_drop` stored in `weak[1]` was collected once it returned.
+local function collectable(make_and_drop)
+  local weak = setmetatable({}, { __mode = "v" })
+  make_and_drop(weak)
+  collectgarbage()
+  collectgarbage()
+  return weak[1] == nil
+end
 
+describe("queue references", function()
   it("are dropped on ack, clear and close, and held until then", function()
     local q = core.queue()
     assert.is_false(collectable(function(weak)
@@ -590,14 +591,6 @@ describe("queue references", function()
 end)
 
 describe("queue notes", function()
-  local function collectable(make_and_drop)
-    local weak = setmetatable({}, { __mode = "v" })
-    make_and_drop(weak)
-    collectgarbage()
-    collectgarbage()
-    return weak[1] == nil
-  end
-
   it("come back with their items from ack and clear; nil when no item holds one", function()
     local q = core.queue()
     q:push("a", nil, 1)
