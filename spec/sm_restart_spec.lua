@@ -4,11 +4,13 @@ local xmppsm = require "xmppsm"
 local prosody = require "helpers.prosody"
 local process = require "helpers.process"
 local wait = require "helpers.wait"
+local random_seed = require "helpers.seed"
 
 local DOMAIN = "xmppsm.test"
 
 describe("a bot killed with SIGKILL and restarted", function()
   local server, dir
+  local seed = random_seed()   -- when to kill
 
   setup(function()
     server = prosody.start{ domain = DOMAIN, hibernation = 30,
@@ -35,7 +37,8 @@ describe("a bot killed with SIGKILL and restarted", function()
   end
 
   for round = 1, 3 do
-    it("resumes and re-sends what was not acknowledged (round " .. round .. ")", function()
+    it("resumes and re-sends what was not acknowledged (round " .. round .. ", seed " .. seed .. ")",
+       function()
       local COUNT = 400
       local store = dir .. "/alice-" .. round .. ".sm"
       local bob = xmppsm.client{ jid = "bob@" .. DOMAIN, password = "pw-bob", host = "127.0.0.1",
@@ -81,6 +84,15 @@ describe("a bot killed with SIGKILL and restarted", function()
 end)
 
 describe("a client whose store file is damaged", function()
+  local server
+  setup(function()
+    server = prosody.start{ domain = DOMAIN, users = { { "alice", "pw-alice" } } }
+  end)
+  teardown(function()
+    if server then server:stop() end
+    process.stop_all()
+  end)
+
   it("reports it as an error event when it connects and starts a fresh session", function()
     local dir = process.tmpdir("xmppsm-corrupt")
     finally(function() os.execute("rm -rf " .. process.quote(dir)) end)
@@ -88,15 +100,24 @@ describe("a client whose store file is damaged", function()
     local f = assert(io.open(path, "wb"))
     f:write("\137XSM\r\n\26\n" .. string.rep("garbage", 20))
     f:close()
-    local c = xmppsm.client{ jid = "alice@example.test", password = "x", host = "127.0.0.1",
-                             port = process.free_port(), reconnect = false, logger = function() end,
-                             sm = { store = path } }
-    local errors = {}
+    local c = xmppsm.client{ jid = "alice@" .. DOMAIN, password = "pw-alice", host = "127.0.0.1",
+                             port = server.port, cafile = server.cafile, reconnect = false,
+                             presence = false, logger = function() end, sm = { store = path } }
+    finally(function() c:close() end)
+    local errors, enabled, resumed, out = {}, 0, 0, {}
     c:on("error", function(e) errors[#errors + 1] = e end)
+    c:on("smEnabled", function() enabled = enabled + 1 end)
+    c:on("resumed", function() resumed = resumed + 1 end)
+    c:on("rawOut", function(s) out[#out + 1] = s end)
     c:connect()
-    wait.until_true(function() return c:status() == "closed" end, 5, "the attempt to fail")
+    wait.until_true(function() return enabled == 1 end, 10, "a new Stream Management session")
+    assert.equal("online", c:status())
+    assert.equal(1, #errors)
     assert.equal("store-corrupt", errors[1].condition)
+    assert.equal(0, resumed)
+    assert.is_nil(table.concat(out):find("<resume", 1, true))   -- nothing to resume from
+    assert.is_true(c:sm_state().resumable)                      -- the fresh session is
     assert.equal(0, c:sm_state().unacked)
-    assert.is_false(c:sm_state().resumable)
+    assert.truthy(io.open(path .. ".corrupt"), "the damaged file kept aside")
   end)
 end)

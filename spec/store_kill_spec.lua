@@ -3,6 +3,7 @@
 -- Outside spec/core: it kills processes at random moments, which valgrind would slow to a crawl.
 local store = require "xmppsm.store"
 local core = require "xmppsm.core"
+local random_seed = require "helpers.seed"
 local util = require "luassert.util"
 local child = dofile("spec/helpers/store_child.lua")
 
@@ -41,11 +42,11 @@ after_each(function()
 end)
 
 describe("xmppsm.store killed mid-append", function()
-  local seed = os.time()
-  math.randomseed(seed)
+  local seed = random_seed()
 
   for round = 1, 6 do
-    it("keeps every step the child reported, in order and intact (round " .. round .. ")", function()
+    it(("keeps every step the child reported, in order and intact (round %d, seed %d)"):format(round, seed),
+       function()
       local path, out, errf = dir .. "/kill.sm", dir .. "/out", dir .. "/err"
       local p = assert(io.popen(child_cmd("append", path) .. " >" .. q(out) .. " 2>" .. q(errf)
         .. " & echo $!"))

@@ -2,6 +2,7 @@
 -- Part of spec/core: also run under ASan+UBSan and valgrind, so nothing here is timing-bound.
 local store = require "xmppsm.store"
 local core = require "xmppsm.core"
+local random_seed = require "helpers.seed"
 local child = dofile("spec/helpers/store_child.lua")
 
 
@@ -444,8 +445,7 @@ describe("xmppsm.store", function()
   end)
 
   it("matches a model through a long random sequence of mutations and reopenings", function()
-    local seed = os.time()
-    math.randomseed(seed)
+    local seed = random_seed()
     local s = open(path)
     local model = child.empty()
     for step = 1, 600 do
