@@ -218,13 +218,19 @@ describe("examples/with_server.lua", function()
       accepted = math.max(accepted, tonumber(i))
     end
     assert.is_true(accepted > 0 and accepted < 20, "the kill came at message " .. accepted)
-    local function received(run_id, i)
+    local function received(run_id, i)   -- every copy: with_server marks a second "(DUPLICATE)"
       local body = ("run %s: message %d of 20"):format(run_id, i)
-      return count(out, "\n%[bob%] <%- [^\n]*: " .. body:gsub("%p", "%%%0") .. "\n")
+      return count(out, "\n%[bob%] <%- [^\n]*: " .. body:gsub("%p", "%%%0") .. "   %(DUPLICATE%)\n")
+        + count(out, "\n%[bob%] <%- [^\n]*: " .. body:gsub("%p", "%%%0") .. "\n")
     end
     for i = 1, accepted do assert.equal(1, received(first, i), "first run, message " .. i .. ":\n" .. out) end
     for i = 1, 20 do assert.equal(1, received(second, i), "second run, message " .. i .. ":\n" .. out) end
-    assert.truthy(out:find("0 duplicates", 1, true), out)
+    local total, distinct, dups =
+      out:match("\n%[with_server%] bob received (%d+) messages: (%d+) distinct, (%d+) duplicates?\n")
+    assert.is_not_nil(total, out)
+    assert.equal(total, distinct, out)
+    assert.equal("0", dups, out)
+    assert.equal(0, count(out, "%(DUPLICATE%)"), out)
   end)
 
   it("runs the IQ example: by callback, inside spawn, a handler, an error reply", function()
