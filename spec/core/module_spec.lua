@@ -7,12 +7,16 @@ describe("xmppsm.core", function()
     assert.equal(core._VERSION, xmppsm._VERSION)
   end)
 
-  it("has a monotonic clock that never goes back", function()
+  it("has a monotonic clock in seconds that moves on and never goes back", function()
     local core = require "xmppsm.core"
     local a = core.monotime()
     local b = core.monotime()
     assert.is_number(a)
     assert.is_true(b >= a)
+    require("socket").sleep(0.05)
+    local c = core.monotime()
+    assert.is_true(c - b >= 0.045, "50 ms measured as " .. (c - b))
+    assert.is_true(c - b < 60, "50 ms measured as " .. (c - b))   -- seconds, not milliseconds
   end)
 
   it("tells whether a function can see its n-th argument (sees_arg)", function()

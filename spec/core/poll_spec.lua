@@ -2,6 +2,7 @@
 local core = require "xmppsm.core"
 local socket = require "socket"
 local poll_many = require "helpers.poll_many"
+local process = require "helpers.process"
 
 local BACKENDS = { "poll" }
 if pcall(core.poller, { backend = "epoll" }) then table.insert(BACKENDS, 1, "epoll") end
@@ -105,6 +106,15 @@ for _, backend in ipairs(BACKENDS) do
       assert.same({ fa, 1 }, ready)
       local _, err = a:receive(1)
       assert.equal("closed", err)
+      -- A hang-up with nothing to read (a socket never connected): reported as readable too,
+      -- the side watched, so that the read finds out.
+      assert.is_true(p:remove(fa))
+      local u = assert(socket.tcp4())
+      finally(function() u:close() end)
+      assert.is_true(p:set(u:getfd(), true, false))
+      ready, n = p:wait(1)
+      assert.equal(1, n)
+      assert.same({ u:getfd(), 1 }, ready)
     end)
 
     it("refills a table it is given and cuts off what an earlier result left", function()
@@ -123,7 +133,7 @@ for _, backend in ipairs(BACKENDS) do
       assert.same({ fa, 2 }, ready)
     end)
 
-    it("waits up to the timeout, rounded up, and for ever with nil", function()
+    it("waits up to the timeout, rounded up", function()
       assert.is_true(p:set(a:getfd(), true, false))
       local t0 = core.monotime()
       local _, n = p:wait(0.05)
@@ -133,10 +143,22 @@ for _, backend in ipairs(BACKENDS) do
       t0 = core.monotime()
       p:wait(0.0001)   -- a tenth of a millisecond: waits one millisecond, not zero
       assert.is_true(core.monotime() - t0 >= 0.0009)
-      -- nil waits until something happens (here: data already there).
-      assert(b:send("z"))
-      local _, m = p:wait(nil)
-      assert.equal(1, m)
+    end)
+
+    it("waits for ever with nil: until something happens, however late", function()
+      local srv = assert(socket.bind("127.0.0.1", 0))
+      finally(function() srv:close() end)
+      local _, port = srv:getsockname()
+      assert.is_true(p:set(srv:getfd(), true, false))
+      -- A connection 0.3 s from now makes the listening socket readable.
+      local child = process.spawn({ "lua5.4", "-e", ("local s = require 'socket'; s.sleep(0.3); "
+        .. "assert(s.connect('127.0.0.1', %d)):close()"):format(port) }, { name = "late connect" })
+      finally(function() child:stop(1) end)
+      local t0 = core.monotime()
+      local ready, n = p:wait(nil)
+      assert.is_true(core.monotime() - t0 >= 0.2, "returned before the connection")
+      assert.equal(1, n)
+      assert.same({ srv:getfd(), 1 }, ready)
     end)
 
     it("sleeps for the timeout when it watches nothing", function()
@@ -176,10 +198,15 @@ for _, backend in ipairs(BACKENDS) do
       assert.has_error(function() p:set(a:getfd(), true) end, "attempt to use a closed xmppsm.poller")
       assert.has_error(function() p:wait(0) end, "attempt to use a closed xmppsm.poller")
       assert.has_error(function() p:count() end, "attempt to use a closed xmppsm.poller")
+      local scoped
       do
         local q <close> = core.poller{ backend = backend }
         assert.is_true(q:set(b:getfd(), true, false))
+        scoped = q
       end
+      assert.matches("closed", tostring(scoped))
+      assert.has_error(function() scoped:count() end, "attempt to use a closed xmppsm.poller")
+      -- Collected unclosed: what they hold is freed (the sanitizer and valgrind runs see leaks).
       for _ = 1, 50 do core.poller{ backend = backend } end
       collectgarbage()
       collectgarbage()
@@ -308,13 +335,28 @@ describe("xmppsm.loop on the poller", function()
   it("does not hand an old socket's readiness to a new one on the same descriptor", function()
     local a, b = tcp_pair()
     local c, d = tcp_pair()
-    local calls = {}
+    local srv = assert(socket.bind("127.0.0.1", 0))
+    local calls, old_fd, e, e_fd, f, we = {}, c:getfd(), nil, nil, nil, nil
     local wa = { sock = a, want_write = false }
     local wc = { sock = c, want_write = false }
     function wa.on_readable()
       calls[#calls + 1] = "a"
-      -- Unwatches and closes the other socket in the same step.
+      -- In the same step: unwatches and closes c, and watches a new socket, e, on c's
+      -- descriptor. e has nothing to read: c's readiness must not reach it.
       loop.unwatch(wc)
+      c:close()
+      local spare = {}
+      repeat   -- the lowest free descriptor is c's, unless an earlier one is free too
+        e = assert(socket.tcp4())
+        if e:getfd() ~= old_fd then spare[#spare + 1] = e end
+      until e:getfd() == old_fd or #spare > 50
+      for _, s in ipairs(spare) do if s ~= e then s:close() end end
+      e_fd = e:getfd()
+      assert(e:connect(srv:getsockname()))
+      f = assert(srv:accept())
+      we = { sock = e, want_write = false, on_writable = function() end }
+      function we.on_readable() calls[#calls + 1] = "e" end
+      loop.watch(we)
     end
     function wc.on_readable() calls[#calls + 1] = "c" end
     wa.on_writable, wc.on_writable = function() end, function() end
@@ -326,7 +368,9 @@ describe("xmppsm.loop on the poller", function()
     socket.sleep(0.05)
     loop.step(0.5)
     loop.unwatch(wa)
-    for _, s in ipairs({ a, b, c, d }) do s:close() end
+    if we then loop.unwatch(we) end
+    for _, s in ipairs({ a, b, d, e, f, srv }) do s:close() end
+    assert.equal(old_fd, e_fd)
     assert.same({ "a" }, calls)
   end)
 
