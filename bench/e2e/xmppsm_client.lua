@@ -4,6 +4,7 @@
 --
 --   lua5.4 bench/e2e/xmppsm_client.lua host=127.0.0.1 port=5222 domain=d cafile=ca.pem \
 --     prosody_pid=123 to=self|other n=20000 window=1000 dir=/tmp/x [store=default|none]
+--     [durability=write|fsync|none]   (the store's, see xmppsm.store; default "write")
 package.path = "lua/?.lua;lua/?/init.lua;bench/?.lua;" .. package.path
 package.cpath = "./?.so;" .. package.cpath
 
@@ -22,7 +23,7 @@ local function new_client(user)
   return xmppsm.client{
     jid = user .. "@" .. a.domain .. "/bench", password = "pw-" .. user,
     host = a.host, port = a.port, cafile = a.cafile, presence = false,
-    sm = { store = store },
+    sm = { store = store, durability = a.durability },
     logger = function(level, msg) if level == "error" then io.stderr:write(msg, "\n") end end,
   }
 end
