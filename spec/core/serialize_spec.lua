@@ -590,7 +590,6 @@ local function first_bad(s)
   if not ok then return pos end
 end
 
-
 describe("property: random byte strings", function()
   it("are accepted exactly when valid, and escaping round-trips them", function()
     local seed = random_seed()
