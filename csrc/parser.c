@@ -296,16 +296,6 @@ static void fail_name(parser_t *p, int code, const char *name) {
              (unsigned long long)here(p));
 }
 
-/* An element's attributes as recorded: names resolved, namespace declarations left out (they
- * are not attributes). The first ATTR_LENS are resolved once, for both passes. */
-#define ATTR_LENS 64
-
-typedef struct {
-    ns_name_t name;
-    const char *value;
-    size_t vlen;
-} attr_t;
-
 static int attr_order(const void *a, const void *b) {
     const ns_name_t *x = a, *y = b;
     int c;
@@ -346,61 +336,42 @@ static int distinct_attrs(parser_t *p, const XML_Char **atts, size_t prefixed) {
     return ok;
 }
 
-/* Resolves the attributes and returns the bytes they take on the tape, or 0 after a FAIL. */
-static size_t attrs_size(parser_t *p, const XML_Char **atts, attr_t *info) {
-    size_t n = 4, i, k = 0, prefixed = 0;
+/* Appends an element's attributes to the tape: their count, then each name (resolved) and value;
+ * namespace declarations are left out (they are not attributes). One pass over expat's list,
+ * since this runs for every element received. Returns 0 after a FAIL. */
+static int rec_attrs(parser_t *p, const XML_Char **atts, int nattr) {
+    size_t i, prefixed = 0;
+    char *w = tape_room(p, 4);
+    if (w == NULL) return 0;
+    put_u32(w, (uint32_t)nattr);
     for (i = 0; atts[i] != NULL; i += 2) {
-        attr_t a;
+        ns_name_t nm;
+        size_t vlen;
         int rc;
         if (ns_is_declaration(atts[i])) continue;
-        rc = ns_resolve(&p->ns, atts[i], 1, &a.name);
-        if (rc != NS_OK) {
+        if ((rc = ns_resolve(&p->ns, atts[i], 1, &nm)) != NS_OK) {
             fail_name(p, rc, atts[i]);
             return 0;
         }
-        a.value = atts[i + 1];
-        a.vlen = strlen(a.value);
-        if (a.name.uri) prefixed++;
-        n += 4 + name_size(&a.name) + 1 + 4 + a.vlen + 1;
-        if (k < ATTR_LENS) info[k] = a;
-        k++;
-    }
-    if (prefixed > 1 && !distinct_attrs(p, atts, prefixed)) return 0;
-    return n;
-}
-
-static char *put_attrs(parser_t *p, char *w, const XML_Char **atts, int nattr, const attr_t *info) {
-    size_t i;
-    w = put_u32(w, (uint32_t)nattr);
-    if (nattr <= ATTR_LENS) {
-        for (i = 0; i < (size_t)nattr; i++) {
-            w = put_name(w, &info[i].name);
-            w = put_str(w, info[i].value, info[i].vlen);
-        }
-        return w;
-    }
-    for (i = 0; atts[i] != NULL; i += 2) { /* past ATTR_LENS: resolved again */
-        ns_name_t nm;
-        if (ns_is_declaration(atts[i])) continue;
-        ns_resolve(&p->ns, atts[i], 1, &nm);
+        if (nm.uri) prefixed++;
+        vlen = strlen(atts[i + 1]);
+        w = tape_room(p, 4 + name_size(&nm) + 1 + 4 + vlen + 1);
+        if (w == NULL) return 0;
         w = put_name(w, &nm);
-        w = put_str(w, atts[i + 1], strlen(atts[i + 1]));
+        put_str(w, atts[i + 1], vlen);
     }
-    return w;
+    return prefixed < 2 || distinct_attrs(p, atts, prefixed);
 }
 
 /* An element at depth `d` in the stanza (1 for the stanza itself) opens. */
 static int rec_open(parser_t *p, int d, const ns_name_t *name, const XML_Char **atts, int nattr) {
-    size_t at = p->tape.len, asize;
-    attr_t info[ATTR_LENS];
-    char *w;
-    if ((asize = attrs_size(p, atts, info)) == 0) return 0;
-    w = tape_room(p, 1 + 8 + 4 + name_size(name) + 1 + asize);
+    size_t at = p->tape.len;
+    char *w = tape_room(p, 1 + 8 + 4 + name_size(name) + 1);
     if (w == NULL) return 0;
     *w++ = REC_OPEN;
     w += 8; /* the child counts, written by rec_close */
-    w = put_name(w, name);
-    put_attrs(p, w, atts, nattr, info);
+    put_name(w, name);
+    if (!rec_attrs(p, atts, nattr)) return 0;
     if (d > 1) {
         p->frames[d - 1].nchild++;
         p->frames[d - 1].ntag++;
@@ -443,14 +414,10 @@ static void finish_begin(parser_t *p) {
 }
 
 static int rec_header(parser_t *p, const XML_Char **atts, int nattr, uint64_t end) {
-    attr_t info[ATTR_LENS];
-    size_t asize = attrs_size(p, atts, info);
-    char *w;
-    if (asize == 0) return 0;
-    w = tape_room(p, 1 + asize + 8);
+    char *w = tape_room(p, 1);
     if (w == NULL) return 0;
-    *w++ = REC_HEADER;
-    w = put_attrs(p, w, atts, nattr, info);
+    *w = REC_HEADER;
+    if (!rec_attrs(p, atts, nattr) || (w = tape_room(p, 8)) == NULL) return 0;
     put_u64(w, end);
     return 1;
 }

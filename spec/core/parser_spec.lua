@@ -898,6 +898,36 @@ describe("xmppsm.core parser (lazy = " .. tostring(lazy) .. ")", function()
         "max_attributes")
     end)
 
+    it("records every attribute of an element with hundreds, under a raised max_attributes", function()
+      -- plain and prefixed attributes, the prefix declared among them, values with references
+      local parts, want, count = {}, {}, 0
+      for i = 1, 300 do
+        if i == 150 then parts[#parts + 1] = "xmlns:p='urn:p'" end
+        if i % 3 == 0 then
+          parts[#parts + 1] = "p:a" .. i .. "='v" .. i .. " &amp; &#x263A;'"
+          want["urn:p\1a" .. i] = "v" .. i .. " & \u{263A}"
+        else
+          parts[#parts + 1] = "a" .. i .. "='v" .. i .. "'"
+          want["a" .. i] = "v" .. i
+        end
+        count = count + 1
+      end
+      local attrs = table.concat(parts, " ")
+      local doc = HDR .. "<m " .. attrs .. "><c " .. attrs .. "/></m>"
+      local ev = feed(new_parser{ max_attributes = 300 }, doc)
+      assert.equal("header stanza", kinds(ev))
+      for _, el in ipairs{ ev[2].a, ev[2].a.tags[1] } do
+        local n = 0
+        for k, v in pairs(el.attr) do
+          n = n + 1
+          assert.equal(want[k], v, k)
+        end
+        assert.equal(count, n)
+      end
+      expect_limit(HDR .. "<m " .. attrs .. "/>", { max_attributes = 299 }, "header",
+        "300 attributes, more than max_attributes %(299%)")
+    end)
+
     it("checks its options", function()
       assert.has_error(function() new_parser { max_stanza_size = 0 } end)
       assert.has_error(function() new_parser { max_stanza_size = "big" } end)
