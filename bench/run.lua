@@ -6,7 +6,8 @@
 -- figure is the median of all timed passes. Knobs (environment): BENCH_REPS (rounds, i.e. child
 -- processes per figure; default 3), BENCH_PASSES (timed passes per child, after one warm-up pass;
 -- default 2), BENCH_CALLGRIND=0 to skip the instruction counts. The report also goes to
--- build/bench/report.txt. BENCHMARKS.md says how to read it.
+-- build/bench/report.txt, and every timed pass to build/bench/passes.tsv (for a second look at
+-- a noisy run). BENCHMARKS.md says how to read it.
 
 package.path = "lua/?.lua;lua/?/init.lua;bench/?.lua;" .. package.path
 package.cpath = "./?.so;" .. package.cpath
@@ -172,11 +173,14 @@ local function passes_of(cmd)
   return rows
 end
 
+-- Every timed pass, as lines "measurement, case, chunk, contender, round, pass, seconds".
+local passes_log = {}
+
 -- Fills case.res[contender] = { times = {...}, stanzas, bytes }, taking turns.
 local function measure(name, cases)
   for _, c in ipairs(cases) do
     c.res = {}
-    for _, k in ipairs(c.who) do c.res[k.key] = { times = {} } end
+    for _, k in ipairs(c.who) do c.res[k.key] = { times = {}, by_round = {} } end
   end
   for rep = 1, REPS do
     progress("%s: round %d of %d", name, rep, REPS)
@@ -184,9 +188,13 @@ local function measure(name, cases)
       for _, k in ipairs(c.who) do
         if have_parser or not k.needs_parser then
           local r = c.res[k.key]
-          for _, row in ipairs(passes_of(k.cmd(c.file, c.chunk))) do
+          for pass, row in ipairs(passes_of(k.cmd(c.file, c.chunk))) do
             r.stanzas, r.bytes = row[1], row[2]
             r.times[#r.times + 1] = row[3]
+            r.by_round[rep] = r.by_round[rep] or {}
+            table.insert(r.by_round[rep], row[3])
+            passes_log[#passes_log + 1] = fmt("%s\t%s\t%s\t%s\t%d\t%d\t%.6f", name, c.label,
+                                              c.chunk or "-", k.key, rep, pass, row[3])
           end
         end
       end
@@ -266,6 +274,20 @@ local function rates(c)
   return r
 end
 
+-- How `ours` compares with contender `ref` round by round (each round's median times, the two
+-- children run one after the other): " (by round lo-hi)". On a machine whose speed drifts
+-- between children, this shows how far a verdict on the medians can be trusted.
+local function by_round(c, ref, as_ratio)
+  local mine, theirs, vals = c.res.ours.by_round, c.res[ref].by_round, {}
+  for rep = 1, REPS do
+    if mine[rep] and theirs[rep] then vals[#vals + 1] = median(theirs[rep]) / median(mine[rep]) end
+  end
+  if #vals < 2 then return "" end
+  table.sort(vals)
+  local show = as_ratio and ratio or pct
+  return fmt(" (by round %s-%s)", show(vals[1]), show(vals[#vals]))
+end
+
 local FRAME_HEAD = { "%-21s %-6s %-24s %9s %11s %8s %8s %10s %7s",
                      "stream", "chunk", "contender", "stanzas", "stanzas/s", "MB/s", "vs floor", "vs Prosody",
                      "spread" }
@@ -343,10 +365,13 @@ local function main()
     local rate = frame_rows(c, label)
     local of, op = rate.ours and rate.ours / rate.floor, rate.ours and rate.ours / rate.prosody
     if c.key == "mixed" then
-      target(fmt("mixed, %s: xmppsm >= 5x util.xmppstream", kib(c.chunk)), op, 5, ratio(op))
-      target(fmt("mixed, %s: xmppsm >= 60%% of libexpat", kib(c.chunk)), of, 0.60, pct(of))
+      target(fmt("mixed, %s: xmppsm >= 5x util.xmppstream", kib(c.chunk)), op, 5,
+             ratio(op) .. by_round(c, "prosody", true))
+      target(fmt("mixed, %s: xmppsm >= 60%% of libexpat", kib(c.chunk)), of, 0.60,
+             pct(of) .. by_round(c, "floor"))
     else
-      target(fmt("64 KiB stanzas, %s: xmppsm >= 80%% of libexpat", kib(c.chunk)), of, 0.80, pct(of))
+      target(fmt("64 KiB stanzas, %s: xmppsm >= 80%% of libexpat", kib(c.chunk)), of, 0.80,
+             pct(of) .. by_round(c, "floor"))
     end
   end
 
@@ -373,7 +398,8 @@ local function main()
       say("%-21s %-24s %11s %12s %8.1f %10s %6.0f%%", i == 1 and c.label or "", k.label, group(rate),
           group(r.bytes), r.bytes / t / 1e6, ratio(rate / sp), spread(r.times))
       if k.key == "ours" then
-        target(fmt("serialization, %s: xmppsm >= 5x util.stanza", c.label), rate / sp, 5, ratio(rate / sp))
+        target(fmt("serialization, %s: xmppsm >= 5x util.stanza", c.label), rate / sp, 5,
+               ratio(rate / sp) .. by_round(c, "prosody", true))
       end
     end
   end
@@ -423,7 +449,7 @@ local function main()
   end
 
   say("")
-  say("Targets (on the median times above)")
+  say("Targets (on the median times above; in brackets the lowest and highest of the single rounds)")
   for _, v in ipairs(verdicts) do say("  %-4s  %-60s %s", v.v, v.what, v.shown) end
   say("")
   say("load average at end %s; took %d s", first_line("/proc/loadavg", "^(%S+ %S+ %S+)") or "?",
@@ -432,6 +458,11 @@ local function main()
   local f = io.open(OUT .. "/report.txt", "w")
   if f then
     f:write(concat(report, "\n"), "\n")
+    f:close()
+  end
+  f = io.open(OUT .. "/passes.tsv", "w")
+  if f then
+    f:write(concat(passes_log, "\n"), "\n")
     f:close()
   end
 end
