@@ -20,7 +20,7 @@ static int kinds_is_stanza(lua_State *L) {
     if (lua_getmetatable(L, 1)) {
         if (lua_rawequal(L, -1, UV_STANZA_MT) || lua_rawequal(L, -1, UV_COMPACT_MT)) {
             yes = 1;
-        } else if (lua_type(L, -1) == LUA_TTABLE) {
+        } else { /* a metatable is always a table */
             lua_pushvalue(L, UV_KMARK);
             lua_rawget(L, -2);
             yes = lua_rawequal(L, -1, UV_STANZA_MT);
